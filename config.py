@@ -1,0 +1,150 @@
+"""genapi's settings: the one place configuration comes from.
+
+Everything is read from the environment and from a `.env` file (the environment wins), validated once at
+start-up, so that a wrong value stops the process with a message naming the variable.
+"""
+
+import logging
+import os
+import secrets
+import sys
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from genapi.keys import parse_entry
+
+log = logging.getLogger("genapi")
+
+# Heroku's router gives up on a request after 30 s; we keep a margin for our own work and the network.
+HEROKU_ROUTER_LIMIT_SECONDS = 30
+UPSTREAM_BUDGET_SECONDS = 25
+
+# The OpenAI SDK sleeps 0.5 s before its first retry, doubling each time up to 8 s (openai/_constants.py).
+SDK_INITIAL_RETRY_DELAY = 0.5
+SDK_MAX_RETRY_DELAY = 8.0
+
+
+def worst_case_upstream_seconds(timeout: float, max_retries: int) -> float:
+    """How long one request can spend upstream: every attempt timing out, plus the back-off between them."""
+    backoff = sum(min(SDK_INITIAL_RETRY_DELAY * 2**n, SDK_MAX_RETRY_DELAY) for n in range(max_retries))
+    return timeout * (max_retries + 1) + backoff
+
+
+def split_list(value: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']"""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+class Settings(BaseSettings):
+    """Every setting genapi reads, typed; see .env.example for one line on each."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Client keys: comma-separated entries, each `key`, `sha256:<hex>`, `name:key` or `name:sha256:<hex>`.
+    api_keys: SecretStr = SecretStr("")
+
+    # The model server.
+    llm_provider: Literal["openai", "mock"] | None = None
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_timeout: float = Field(default=12.0, gt=0)
+    openai_max_retries: int = Field(default=1, ge=0, le=5)
+
+    # Limits on what a client may ask for.
+    max_prompt_chars: int = Field(default=32000, ge=1)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    max_content_length: int = Field(default=1024 * 1024, ge=1024)
+    allowed_models: Annotated[list[str], NoDecode] = []
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # The server (gunicorn.conf.py): Heroku sets PORT, and WEB_CONCURRENCY on most dynos.
+    port: int = Field(default=8000, ge=1, le=65535)
+    web_concurrency: int = Field(default=2, ge=1)
+    worker_class: Literal["gevent", "gthread", "sync"] = "gevent"
+    worker_connections: int = Field(default=1000, ge=1)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_key_entries(cls, value: SecretStr) -> SecretStr:
+        for entry in split_list(value.get_secret_value()):
+            parse_entry(entry)  # raises ValueError naming what is wrong, never the key
+        return value
+
+    @field_validator("allowed_models", mode="before")
+    @classmethod
+    def _split_models(cls, value):
+        return split_list(value) if isinstance(value, str) else value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, for example http://localhost:11434/v1")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> "Settings":
+        if self.llm_provider is None:
+            self.llm_provider = "openai" if self.openai_api_key else "mock"
+        if self.llm_provider == "openai" and not self.openai_api_key and not self.openai_base_url:
+            raise ValueError(
+                "LLM_PROVIDER=openai needs OPENAI_API_KEY (or OPENAI_BASE_URL for a local server that needs no key)"
+            )
+        worst = worst_case_upstream_seconds(self.openai_timeout, self.openai_max_retries)
+        if worst > UPSTREAM_BUDGET_SECONDS:
+            raise ValueError(
+                f"OPENAI_TIMEOUT={self.openai_timeout:g} with OPENAI_MAX_RETRIES={self.openai_max_retries} can keep a "
+                f"request upstream for {worst:g} s, past the {UPSTREAM_BUDGET_SECONDS} s that fits Heroku's "
+                f"{HEROKU_ROUTER_LIMIT_SECONDS} s router limit; lower one of them"
+            )
+        if not self.api_keys.get_secret_value().strip() and self.llm_provider != "mock":
+            raise ValueError(
+                "API_KEYS is empty, and genapi never runs open: set API_KEYS to one or more client keys "
+                "(`flask --app app create-key NAME` makes one)"
+            )
+        return self
+
+
+def settings_error_message(error: ValidationError) -> str:
+    """A start-up message that names each wrong variable, never its value."""
+    lines = []
+    for item in error.errors():
+        variable = "_".join(str(part) for part in item["loc"]).upper()
+        lines.append(f"  {variable}: {item['msg']}" if variable else f"  {item['msg']}")
+    return "genapi cannot start, the configuration is wrong:\n" + "\n".join(lines)
+
+
+def load_settings(**overrides) -> Settings:
+    """Read and check the settings; on a wrong value, print what is wrong and exit."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        print(settings_error_message(error), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if settings.llm_provider == "mock" and not settings.api_keys.get_secret_value().strip():
+        settings.api_keys = SecretStr(one_time_mock_key())
+    return settings
+
+
+def one_time_mock_key() -> str:
+    """Make the one-time client key of a mock-provider server that was given none, and print it once.
+
+    It goes into the environment so that gunicorn's workers, forked after gunicorn.conf.py loaded the
+    settings, share the key that was printed instead of each making its own.
+    """
+    key = secrets.token_urlsafe(24)
+    os.environ["API_KEYS"] = key
+    print(
+        "genapi: API_KEYS is not set, so this mock-provider server made a one-time client key.\n"
+        f"genapi: send it as the X-API-KEY header: {key}\n"
+        "genapi: set API_KEYS (and OPENAI_API_KEY for a real model) to choose your own.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return key

@@ -1,0 +1,1 @@
+"""genapi: a generative-AI model behind one clean HTTP endpoint. The app itself is built in app.py."""

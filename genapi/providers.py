@@ -1,0 +1,195 @@
+"""The model behind /generate: OpenAI (or any OpenAI-compatible server) through the SDK, or the offline mock.
+
+Both take the same Generation and return the same Completion; every upstream failure leaves here as an ApiError
+with the status the contract gives it, so the route never sees an SDK exception.
+"""
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx2
+import openai
+
+from config import Settings
+from genapi.errors import ApiError
+
+log = logging.getLogger("genapi")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One validated request for text."""
+
+    prompt: str
+    model: str
+    max_tokens: int
+    temperature: float | None = None
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    model: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    upstream_request_id: str | None = None
+    upstream_ms: float = 0.0
+
+
+class MockProvider:
+    """Answers offline and deterministically from the prompt, and says "model": "mock" so nobody mistakes it."""
+
+    name = "mock"
+
+    def complete(self, generation: Generation) -> Completion:
+        seed = hashlib.sha256(generation.prompt.encode()).hexdigest()[:8]
+        words = f"Mock answer {seed}: this is genapi's offline mock provider, not a model. You said: {generation.prompt}"
+        words = words.split()
+        text = " ".join(words[: generation.max_tokens])
+        prompt_tokens = len(generation.prompt.split()) + len((generation.system or "").split())
+        return Completion(
+            text=text,
+            model="mock",
+            finish_reason="length" if len(words) > generation.max_tokens else "stop",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=min(len(words), generation.max_tokens),
+        )
+
+
+class BoundedRetryOpenAI(openai.OpenAI):
+    """The SDK's client with retries that fit inside one web request.
+
+    The SDK also retries 408, 409 and 429, and waits as long as a Retry-After header asks (up to two minutes);
+    behind Heroku's 30 s router that wait would outlive the request. Here a 429 goes straight back to our client
+    as a 503 with Retry-After, and only 5xx answers (plus the SDK's own timeout and connection retries) are retried,
+    on the SDK's exponential back-off.
+    """
+
+    def _should_retry(self, response: httpx2.Response) -> bool:
+        if response.headers.get("x-should-retry") == "false":
+            return False
+        return response.status_code >= 500
+
+    def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None) -> float:
+        return super()._calculate_retry_timeout(remaining_retries, options, None)
+
+
+def retry_after_seconds(headers, default: int = 5) -> str:
+    """The upstream's Retry-After as whole seconds for our client, kept between 1 and 60."""
+    for name, divisor in (("retry-after-ms", 1000), ("retry-after", 1)):
+        try:
+            return str(min(60, max(1, round(float(headers.get(name)) / divisor))))
+        except (TypeError, ValueError):
+            continue
+    return str(default)
+
+
+def upstream_message(error: openai.APIStatusError) -> str:
+    """The upstream's own explanation of a rejected request, which helps the client fix it."""
+    body = error.body if isinstance(error.body, dict) else {}
+    detail = body.get("error", body)
+    message = detail.get("message") if isinstance(detail, dict) else None
+    return str(message or error.message)[:500]
+
+
+class OpenAIProvider:
+    """Chat Completions through one synchronous SDK client, built once per process."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings, http_client: httpx2.Client | None = None):
+        api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "no-key-needed"
+        self._api_key = api_key
+        self.client = BoundedRetryOpenAI(
+            api_key=api_key,
+            base_url=settings.openai_base_url,
+            timeout=httpx2.Timeout(settings.openai_timeout, connect=min(5.0, settings.openai_timeout)),
+            max_retries=settings.openai_max_retries,
+            http_client=http_client,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(base_url={str(self.client.base_url)!r})"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+    def complete(self, generation: Generation) -> Completion:
+        messages = [{"role": "user", "content": generation.prompt}]
+        if generation.system:
+            messages.insert(0, {"role": "system", "content": generation.system})
+        extra = {} if generation.temperature is None else {"temperature": generation.temperature}
+        started = time.perf_counter()
+        try:
+            raw = self.client.chat.completions.with_raw_response.create(
+                model=generation.model, messages=messages, max_tokens=generation.max_tokens, **extra
+            )
+            completion = raw.parse()
+        except openai.APITimeoutError:
+            raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
+        except openai.APIConnectionError:
+            raise ApiError(502, "The model server could not be reached.", code="upstream_unavailable") from None
+        except openai.RateLimitError as error:
+            raise ApiError(
+                503,
+                "The model server is rate-limiting or overloaded; retry after the Retry-After header's seconds.",
+                code="upstream_rate_limited",
+                headers={"Retry-After": retry_after_seconds(error.response.headers)},
+            ) from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+            # Our own OPENAI_API_KEY is wrong: the operator must know, the client must learn nothing about the key.
+            log.error(
+                "the model server refused genapi's credentials (HTTP %s): check OPENAI_API_KEY and OPENAI_BASE_URL",
+                error.status_code,
+            )
+            raise ApiError(502, "The model server refused this service's credentials.", code="upstream_auth") from None
+        except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as error:
+            raise ApiError(
+                400,
+                f"The model server rejected the request: {self._redact(upstream_message(error))}",
+                code="upstream_rejected_request",
+            ) from None
+        except openai.APIStatusError as error:
+            raise ApiError(
+                502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error"
+            ) from None
+        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, TypeError):
+            raise ApiError(502, "The model server's answer was not valid JSON.", code="upstream_bad_response") from None
+        upstream_ms = (time.perf_counter() - started) * 1000
+        return self._to_completion(completion, raw.headers.get("x-request-id"), upstream_ms)
+
+    @staticmethod
+    def _to_completion(completion, upstream_request_id, upstream_ms) -> Completion:
+        """Check that the answer is a usable chat completion; anything else is the upstream's failure (502)."""
+        choices = getattr(completion, "choices", None)
+        if not isinstance(completion, openai.types.chat.ChatCompletion) or not choices:
+            raise ApiError(502, "The model server's answer held no choices.", code="upstream_bad_response")
+        choice = choices[0]
+        text = getattr(getattr(choice, "message", None), "content", None)
+        if not isinstance(text, str):
+            raise ApiError(502, "The model server's answer held no text.", code="upstream_bad_response")
+        usage = completion.usage
+        return Completion(
+            text=text,
+            model=completion.model or "unknown",
+            finish_reason=choice.finish_reason,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            upstream_request_id=upstream_request_id,
+            upstream_ms=upstream_ms,
+        )
+
+
+def build_provider(settings: Settings, http_client: httpx2.Client | None = None):
+    if settings.llm_provider == "mock":
+        log.warning(
+            "LLM_PROVIDER=mock: answers come from genapi's offline mock, not a model. "
+            "Set OPENAI_API_KEY (and OPENAI_BASE_URL for Ollama, vLLM or llama.cpp) to use a real one."
+        )
+        return MockProvider()
+    return OpenAIProvider(settings, http_client)

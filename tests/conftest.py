@@ -1,0 +1,116 @@
+"""Fixtures: apps built from explicit settings, an upstream mocked at the SDK's transport, a loopback fake server."""
+
+import json
+import os
+
+import httpx2
+import pytest
+
+# app.py builds a module-level app at import for gunicorn; give that import a known environment, not the caller's.
+for variable in [v for v in os.environ if v.startswith(("OPENAI_", "LLM_", "API_KEYS", "ALLOWED_MODELS", "MAX_"))]:
+    del os.environ[variable]
+os.environ["API_KEYS"] = "import-time-key-not-used-by-tests"
+
+from app import create_app  # noqa: E402
+from config import Settings  # noqa: E402
+from tests.fake_openai import FakeOpenAI, completion_body  # noqa: E402
+
+del os.environ["API_KEYS"]
+
+USER_KEY = "test-user-key-0123456789"
+UPSTREAM_KEY = "sk-upstream-secret-abcdef987654"
+
+
+def make_settings(**overrides) -> Settings:
+    values = {
+        "api_keys": f"alice:{USER_KEY}",
+        "llm_provider": "openai",
+        "openai_api_key": UPSTREAM_KEY,
+        "openai_base_url": "http://upstream.test/v1",
+        "openai_model": "test-model",
+        "openai_max_retries": 0,
+        "openai_timeout": 5,
+    }
+    return Settings(_env_file=None, **(values | overrides))
+
+
+class MockUpstream:
+    """The SDK's transport, scripted: each call pops the next handler, then answers with a good completion."""
+
+    def __init__(self):
+        self.script = []
+        self.requests: list[httpx2.Request] = []
+
+    def then(self, *answers):
+        """Each answer is an httpx2.Response, an exception to raise, or a callable taking the request."""
+        self.script.extend(answers)
+        return self
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def handle(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
+        answer = self.script.pop(0) if self.script else None
+        if answer is None:
+            return httpx2.Response(200, json=completion_body(json.loads(request.content), self.calls))
+        if isinstance(answer, Exception):
+            raise answer
+        if callable(answer):
+            return answer(request)
+        return answer
+
+    def http_client(self) -> httpx2.Client:
+        return httpx2.Client(transport=httpx2.MockTransport(self.handle))
+
+
+@pytest.fixture
+def upstream() -> MockUpstream:
+    return MockUpstream()
+
+
+@pytest.fixture
+def make_app(upstream):
+    """Build an app whose upstream is the mocked transport; keyword arguments override settings."""
+
+    def build(**overrides):
+        app = create_app(make_settings(**overrides), http_client=upstream.http_client())
+        app.config["TESTING"] = True
+        return app
+
+    return build
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def generate(client):
+    """POST /generate with the user key; keyword arguments go into the JSON body."""
+
+    def post(headers=None, **body):
+        body.setdefault("prompt", "Tell me a joke.")
+        return client.post("/generate", json=body, headers={"X-API-KEY": USER_KEY} | (headers or {}))
+
+    return post
+
+
+@pytest.fixture(scope="session")
+def fake_openai_server() -> FakeOpenAI:
+    return FakeOpenAI().start_in_thread()
+
+
+@pytest.fixture
+def fake_openai(fake_openai_server) -> FakeOpenAI:
+    """The loopback fake OpenAI server, with a clean script for this test."""
+    fake_openai_server.reset()
+    yield fake_openai_server
+    fake_openai_server.reset()

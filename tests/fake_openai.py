@@ -1,0 +1,181 @@
+"""A small OpenAI-compatible server on 127.0.0.1 for the tests and the benchmark.
+
+It speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies) to answer
+`POST /v1/chat/completions`, with a delay and a failure mode the caller picks.
+Run it on its own for the benchmark: `python tests/fake_openai.py --port 9100 --delay 1`.
+"""
+
+import argparse
+import asyncio
+import itertools
+import json
+import threading
+from dataclasses import dataclass, field
+
+# Behaviours a test can script, one per upstream call, before the server falls back to "ok".
+OK = "ok"
+DROP = "drop"  # close the connection without answering
+NOT_JSON = "not_json"  # 200 whose body is not JSON
+EMPTY_CHOICES = "empty_choices"  # 200 with "choices": []
+HANG = "hang"  # never answer, so the client times out
+
+
+@dataclass
+class Status:
+    """Answer with this HTTP status and an OpenAI-shaped error body."""
+
+    code: int
+    message: str = "upstream says no"
+    headers: dict = field(default_factory=dict)
+
+
+def completion_body(request_body: dict, request_id: int) -> dict:
+    """The chat completion this server answers with: it echoes the last message back."""
+    messages = request_body.get("messages") or [{"content": ""}]
+    text = f"echo: {messages[-1].get('content', '')}"
+    words = text.split()
+    max_tokens = request_body.get("max_tokens") or len(words)
+    finish_reason = "length" if len(words) > max_tokens else "stop"
+    text = " ".join(words[:max_tokens])
+    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+    completion_tokens = len(text.split())
+    return {
+        "id": f"chatcmpl-fake-{request_id}",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": request_body.get("model", "fake-model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def http_response(status: int, body: bytes, headers: dict | None = None, content_type="application/json") -> bytes:
+    head = [f"HTTP/1.1 {status} X", f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class FakeOpenAI:
+    """The server, with a script of behaviours and a record of what it was sent."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.script: list = []  # behaviours for the next calls, consumed in order
+        self.calls = 0
+        self.requests: list[dict] = []  # headers and body of each chat call, newest last
+        self.record = True
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+
+    # -- what tests use --------------------------------------------------------
+    def then(self, *behaviours) -> "FakeOpenAI":
+        """Script the next upstream calls, one behaviour each."""
+        self.script.extend(behaviours)
+        return self
+
+    def reset(self) -> None:
+        self.script.clear()
+        self.requests.clear()
+        self.calls = 0
+        self.delay = 0.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- the server ------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")
+                headers = {}
+                for line in header_lines:
+                    if ":" in line:
+                        name, value = line.split(":", 1)
+                        headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
+                method, path, _ = request_line.split(" ", 2)
+                if method == "POST" and path.endswith("/chat/completions"):
+                    answer = await self._chat(headers, body)
+                elif path.endswith("/healthz"):
+                    answer = http_response(200, b'{"status":"ok"}')
+                else:
+                    answer = http_response(404, b'{"error":{"message":"no such route"}}')
+                if answer is None:  # DROP
+                    break
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _chat(self, headers: dict, body: bytes) -> bytes | None:
+        self.calls += 1
+        request_id = next(self._ids)
+        behaviour = self.script.pop(0) if self.script else OK
+        try:
+            request_body = json.loads(body)
+        except ValueError:
+            request_body = {}
+        if self.record:
+            self.requests.append({"headers": headers, "body": request_body})
+        if behaviour == HANG:
+            await asyncio.sleep(3600)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if behaviour == DROP:
+            return None
+        if behaviour == NOT_JSON:
+            return http_response(200, b"<html>oops</html>", content_type="application/json")
+        ids = {"x-request-id": f"req_fake_{request_id}"}
+        if behaviour == EMPTY_CHOICES:
+            payload = completion_body(request_body, request_id) | {"choices": []}
+            return http_response(200, json.dumps(payload).encode(), ids)
+        if isinstance(behaviour, Status):
+            error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
+            return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
+        return http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
+
+    async def _serve(self, port: int, started: threading.Event | None) -> None:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=4096)
+        self.port = server.sockets[0].getsockname()[1]
+        self._loop = asyncio.get_running_loop()
+        if started:
+            started.set()
+        async with server:
+            await server.serve_forever()
+
+    def start_in_thread(self) -> "FakeOpenAI":
+        """Serve on a free port from a daemon thread; returns once it is listening."""
+        started = threading.Event()
+        threading.Thread(target=asyncio.run, args=(self._serve(0, started),), daemon=True).start()
+        started.wait(10)
+        return self
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    args = parser.parse_args()
+    fake = FakeOpenAI(delay=args.delay)
+    fake.record = False  # a long benchmark must not grow memory
+    print(f"fake OpenAI on 127.0.0.1:{args.port}, delay {args.delay}s", flush=True)
+    asyncio.run(fake._serve(args.port, None))
+
+
+if __name__ == "__main__":
+    main()
