@@ -1,24 +1,26 @@
 """genapi's web app: POST /generate behind an X-API-KEY, in front of an OpenAI-compatible model.
 
 The path of a request: `generate()` below -> `authenticate()` (genapi.keys) -> `parse_body()` (genapi.schemas)
--> `provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which
-genapi.errors turns into the one error shape.
+-> `complete()` -> `provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which
+genapi.errors turns into the one error shape. Every answer then passes `finish_request()`, which counts it in the
+metrics (genapi.metrics) and writes its one JSON log line (genapi.logs).
 """
 
-import logging
 import re
+import time
 import uuid
 
 import httpx2
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 
 from config import Settings, load_settings, split_list
+from genapi import metrics
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, KeyRing
-from genapi.providers import Generation, build_provider
-from genapi.schemas import GenerateResponse, Usage, build_request_models, parse_body
-
-log = logging.getLogger("genapi")
+from genapi.logs import configure_logging, log_request
+from genapi.openapi import build_openapi
+from genapi.providers import Completion, Generation, build_provider
+from genapi.schemas import GenerateResponse, HealthResponse, Usage, build_request_models, parse_body
 
 # A client's X-Request-ID is kept only if it is short and plain, so it cannot smuggle anything into our logs.
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -27,37 +29,51 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 def create_app(settings: Settings | None = None, http_client: httpx2.Client | None = None) -> Flask:
     """Build the app from settings (read from the environment when not given); http_client is for tests."""
     settings = settings or load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     app.json.sort_keys = False  # keep "response" first, as the contract lists it
+    generate_request = build_request_models(settings.max_prompt_chars, settings.max_tokens_limit)
     app.extensions["genapi"] = {
         "settings": settings,
-        "keys": KeyRing(split_list(settings.api_keys.get_secret_value())),
+        "keys": KeyRing(
+            split_list(settings.api_keys.get_secret_value()), split_list(settings.admin_api_keys.get_secret_value())
+        ),
         "provider": build_provider(settings, http_client),
-        "GenerateRequest": build_request_models(settings.max_prompt_chars, settings.max_tokens_limit),
+        "GenerateRequest": generate_request,
+        "openapi": build_openapi({"GenerateRequest": generate_request}, settings.allowed_models),
     }
     register_error_handlers(app)
-    app.before_request(assign_request_id)
-    app.after_request(send_request_id)
+    app.before_request(start_request)
+    app.after_request(finish_request)
     app.add_url_rule("/generate", view_func=generate, methods=["POST"])
     app.add_url_rule("/healthz", view_func=healthz, methods=["GET"])
+    app.add_url_rule("/openapi.json", view_func=openapi_document, methods=["GET"])
+    app.add_url_rule("/metrics", view_func=metrics_text, methods=["GET"])
     return app
 
 
 def state(name: str):
-    """What create_app built for this app: settings, keys, provider, request models."""
+    """What create_app built for this app: settings, keys, provider, request models, OpenAPI document."""
     return current_app.extensions["genapi"][name]
 
 
-def assign_request_id() -> None:
+def start_request() -> None:
+    g.started = time.perf_counter()
     client_id = request.headers.get("X-Request-ID", "")
     g.request_id = client_id if SANE_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
+    g.cached = False  # the response cache sets it when it answers
 
 
-def send_request_id(response):
-    response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+def finish_request(response: Response) -> Response:
+    """Every answer, success or error: its X-Request-ID header, its metrics, its one log line."""
+    g.setdefault("request_id", uuid.uuid4().hex)
+    response.headers["X-Request-ID"] = g.request_id
+    seconds = time.perf_counter() - g.get("started", time.perf_counter())
+    route = request.url_rule.rule if request.url_rule else None
+    metrics.count_request(route, request.method, response.status_code, seconds)
+    log_request(response.status_code, seconds, state("settings").log_prompts)
     return response
 
 
@@ -70,6 +86,12 @@ def authenticate() -> Client:
     if client is None:
         raise ApiError(403, "The X-API-KEY is not accepted.", code="invalid_api_key")
     return client
+
+
+def require_admin(client: Client) -> None:
+    """403 unless the client's key is one of ADMIN_API_KEYS."""
+    if not client.is_admin:
+        raise ApiError(403, "This route needs an admin key (ADMIN_API_KEYS).", code="admin_only")
 
 
 def read_json_body(model):
@@ -91,11 +113,24 @@ def generation_from(body) -> Generation:
     )
 
 
+def complete(generation: Generation) -> Completion:
+    """The provider's completion, counted in the metrics and kept for the request's log line."""
+    g.generation = generation
+    try:
+        completion = state("provider").complete(generation)
+    except ApiError as error:
+        metrics.count_upstream_error(error.code)
+        raise
+    metrics.count_completion(completion.prompt_tokens, completion.completion_tokens, completion.upstream_ms)
+    g.completion = completion
+    return completion
+
+
 def generate():
     """POST /generate: one prompt in, the model's text out."""
     g.client = authenticate()
     generation = generation_from(read_json_body(state("GenerateRequest")))
-    completion = state("provider").complete(generation)
+    completion = complete(generation)
     answer = GenerateResponse(
         response=completion.text,
         model=completion.model,
@@ -112,7 +147,20 @@ def generate():
 
 def healthz():
     """GET /healthz: the process is up. No key, no upstream call."""
-    return jsonify(status="ok")
+    return jsonify(HealthResponse(status="ok").model_dump())
+
+
+def openapi_document():
+    """GET /openapi.json: the OpenAPI 3.1 document, built once by create_app. No key."""
+    return jsonify(state("openapi"))
+
+
+def metrics_text():
+    """GET /metrics: Prometheus text, for admin keys only."""
+    g.client = authenticate()
+    require_admin(g.client)
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)
 
 
 # gunicorn's `app:app` and `flask --app app` find the app here; tests build their own with create_app().

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
 
     # Client keys: comma-separated entries, each `key`, `sha256:<hex>`, `name:key` or `name:sha256:<hex>`.
     api_keys: SecretStr = SecretStr("")
+    # Admin keys, in the same format: they may also read /metrics.
+    admin_api_keys: SecretStr = SecretStr("")
 
     # The model server.
     llm_provider: Literal["openai", "mock"] | None = None
@@ -60,6 +62,8 @@ class Settings(BaseSettings):
     allowed_models: Annotated[list[str], NoDecode] = []
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Prompts and outputs are the clients' data: they reach the request log line only when asked for.
+    log_prompts: bool = False
 
     # The server (gunicorn.conf.py): Heroku sets PORT, and WEB_CONCURRENCY on most dynos.
     port: int = Field(default=8000, ge=1, le=65535)
@@ -67,7 +71,7 @@ class Settings(BaseSettings):
     worker_class: Literal["gevent", "gthread", "sync"] = "gevent"
     worker_connections: int = Field(default=1000, ge=1)
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _check_key_entries(cls, value: SecretStr) -> SecretStr:
         for entry in split_list(value.get_secret_value()):

@@ -1,10 +1,25 @@
 """gunicorn's settings for genapi, Heroku-style; each says why it has its value."""
 
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
 from config import load_settings
+from genapi.logs import configure_logging, log_start_up
 
 # Check the configuration once, in the master: a wrong value stops start-up with one clear message instead of
 # every worker crashing in a loop. (It also makes the mock provider's one-time key before the workers fork.)
 settings = load_settings()
+
+# prometheus_client's multiprocess mode: each worker writes its metrics to files in this directory and /metrics
+# adds them all up. The variable must be set here, in the master, before any worker imports prometheus_client.
+# A fresh directory per start, so numbers from an earlier run never leak in; Prometheus handles the reset.
+metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="genapi-metrics-")
+Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+for stale in Path(metrics_dir).glob("*.db"):
+    stale.unlink()
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
 # Heroku routes to $PORT on every interface; locally it is 8000.
 bind = f"0.0.0.0:{settings.port}"
@@ -34,3 +49,24 @@ errorlog = "-"
 # gunicorn 27's control socket sits at one path per user: several instances on one machine would fight over it,
 # and nothing here uses gunicornc.
 control_socket_disable = True
+
+
+def when_ready(server):
+    """Log the effective configuration once per start, from the master, as JSON like every other line."""
+    configure_logging(settings.log_level)
+    log_start_up(settings)
+
+
+def child_exit(server, worker):
+    """A dead worker's counters stay in the sums; prometheus_client drops only its live gauges."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics files, and the directory if nothing else is in it (it may be the operator's)."""
+    for metrics_file in Path(metrics_dir).glob("*.db"):
+        metrics_file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        Path(metrics_dir).rmdir()

@@ -1,6 +1,6 @@
 """The request and response bodies, as pydantic models: they validate requests and shape every answer."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
@@ -23,15 +23,28 @@ class GenerateResponse(BaseModel):
     id: str = Field(description="The request id, also in the X-Request-ID header.")
 
 
-class ErrorDetail(BaseModel):
+class HealthResponse(BaseModel):
+    """What GET /healthz answers with."""
+
+    status: Literal["ok"]
+
+
+class FieldError(BaseModel):
+    param: str = Field(description="The failing field, dotted for nested ones.")
     message: str
-    type: str
-    param: str | None
-    code: str | None
-    fields: list[dict] | None = Field(default=None, description="On a 422: each failing field and why.")
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, for a person to read.")
+    type: str = Field(description="The error's class: invalid_request_error, authentication_error, ...")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A stable code to branch on: missing_api_key, validation_error, ...")
+    fields: list[FieldError] | None = Field(default=None, description="On a 422: each failing field and why.")
 
 
 class ErrorResponse(BaseModel):
+    """Every error, whatever its status."""
+
     error: ErrorDetail
 
 
@@ -56,7 +69,8 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int):
     class GenerateRequest(GenerationOptions):
         """The body of POST /generate."""
 
-        prompt: Prompt = Field(description="The text to complete.")
+        # The pattern tells the OpenAPI document what _not_blank below enforces, with a clearer message.
+        prompt: Prompt = Field(description="The text to complete; not blank.", json_schema_extra={"pattern": r"\S"})
 
         @field_validator("prompt")
         @classmethod

@@ -10,6 +10,7 @@ from tests.test_upstream import drop, timeout, upstream_error
 
 def test_no_key_appears_in_logs_or_responses_across_successes_and_failures(app, generate, client, upstream, caplog):
     caplog.set_level(logging.DEBUG)  # the SDK's and httpx2's own debug logs included
+    caplog.set_level(logging.DEBUG, logger="httpx2")
     upstream.then(
         upstream_error(401, f"Incorrect API key provided: {UPSTREAM_KEY}"),
         upstream_error(400, f"bad request, and here is your key: {UPSTREAM_KEY}"),

@@ -1,0 +1,102 @@
+"""Logs as one JSON object per line on stdout: the request line, the start-up line and every other record.
+
+A 20-line formatter instead of a logging library: each line costs one json.dumps, inside the per-request CPU budget.
+"""
+
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+from flask import g, request
+from pydantic import SecretStr
+
+request_log = logging.getLogger("genapi.request")
+
+
+class JsonFormatter(logging.Formatter):
+    """time, level, logger and message, then the record's `fields` (extra={"fields": {...}}), as one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when the line is written (so test capture sees it), flushing each line."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _ignored):
+        pass
+
+
+def configure_logging(level: str) -> None:
+    """Send every log record, ours and the libraries', to stdout as JSON, at the given level; safe to call twice."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    # httpx2 logs every upstream call at INFO, which the request line already says: one line per request, not two.
+    logging.getLogger("httpx2").setLevel("WARNING" if level == "INFO" else level)
+    if not any(isinstance(handler, StdoutHandler) for handler in root.handlers):
+        handler = StdoutHandler()
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+
+
+def log_request(status: int, seconds: float, log_prompts: bool) -> None:
+    """The request's one line, from what it left on `g`; prompts and outputs only with LOG_PROMPTS=true."""
+    client = g.get("client")
+    completion = g.get("completion")
+    fields = {
+        "request_id": g.get("request_id"),
+        "key_name": client.name if client else None,
+        "method": request.method,
+        "path": request.path,  # never the query string, where a careless client may have put its key
+        "status": status,
+        "duration_ms": round(seconds * 1000, 2),
+        "upstream_ms": round(completion.upstream_ms, 2) if completion else None,
+        "prompt_tokens": completion.prompt_tokens if completion else None,
+        "completion_tokens": completion.completion_tokens if completion else None,
+        "cached": g.get("cached", False),
+        "upstream_request_id": completion.upstream_request_id if completion else None,
+        "pid": os.getpid(),
+    }
+    generation = g.get("generation")
+    if log_prompts and generation:
+        fields |= {"prompt": generation.prompt, "system": generation.system, "output": completion and completion.text}
+    level = logging.ERROR if status >= 500 else logging.INFO
+    request_log.log(level, "%s %s %s", request.method, request.path, status, extra={"fields": fields})
+
+
+def effective_configuration(settings) -> dict:
+    """Every setting, for the start-up line: secrets only as set or not, URLs only as their host."""
+    shown = {}
+    for name, value in settings:
+        if isinstance(value, SecretStr):
+            value = "***" if value.get_secret_value() else None
+        elif name.endswith("_url"):
+            value = urlsplit(value).hostname if value else None
+        shown[name] = value
+    if shown.get("openai_base_url") is None and settings.llm_provider == "openai":
+        shown["openai_base_url"] = "api.openai.com"
+    return shown
+
+
+def log_start_up(settings) -> None:
+    """One line with the effective configuration, written once when the server is ready."""
+    logging.getLogger("genapi").info(
+        "genapi started", extra={"fields": {"pid": os.getpid(), "configuration": effective_configuration(settings)}}
+    )

@@ -1,0 +1,163 @@
+"""The OpenAPI 3.1 document of GET /openapi.json, built from the pydantic models that validate and shape requests.
+
+The schemas come from the models themselves (with the limits the settings gave them), so the document cannot
+drift from what the service accepts and answers. Each route is one entry in ROUTES; a new route is one more entry.
+"""
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from genapi.errors import ERROR_TYPES
+from genapi.schemas import ErrorResponse, GenerateResponse, HealthResponse
+
+SECURITY_SCHEME = "ApiKey"
+
+ERROR_MEANINGS = {
+    400: "The body is not valid JSON or not a JSON object (invalid_json), or the model server refused the request "
+    "itself (upstream_rejected_request).",
+    401: "No X-API-KEY header (missing_api_key).",
+    403: "The key is not accepted (invalid_api_key), or the route needs an admin key (admin_only).",
+    404: "No such route (not_found).",
+    405: "The route does not take this method (method_not_allowed); the Allow header lists those it takes.",
+    413: "The body is larger than MAX_CONTENT_LENGTH (body_too_large).",
+    415: "The body is not sent as application/json (unsupported_media_type).",
+    422: "A field is missing, of the wrong type, out of range or unknown (validation_error), or the model is not "
+    "in ALLOWED_MODELS (model_not_allowed); error.fields lists each failing field.",
+    429: "A rate limit refused the request; retry after the Retry-After header's seconds.",
+    500: "A bug in genapi (internal_error); it is logged.",
+    502: "The model server failed, could not be reached, answered with something unusable, or refused genapi's "
+    "credentials (upstream_error, upstream_unavailable, upstream_bad_response, upstream_auth).",
+    503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds.",
+    504: "The model server did not answer in time (upstream_timeout).",
+}
+RETRY_AFTER_STATUSES = (429, 503)
+
+# The errors any route can give, and those of a route that reads a JSON body and calls the model.
+ALWAYS = (500,)
+KEYED = (401, 403)
+JSON_BODY = (400, 413, 415, 422)
+MODEL_CALL = (429, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    method: str
+    summary: str
+    answer: str | type[BaseModel]  # a model for a JSON answer; a media type for anything else
+    errors: tuple[int, ...] = ALWAYS
+    body: str | None = None  # the name of the request model, from the models create_app built
+    auth: str | None = None  # None, "key" or "admin"
+    description: str = ""
+
+
+ROUTES = [
+    Route(
+        "/generate", "post", "Generate text from a prompt", GenerateResponse,
+        errors=ALWAYS + KEYED + JSON_BODY + MODEL_CALL, body="GenerateRequest", auth="key",
+        description="One prompt in, the model's text out. Types are strict and unknown fields are refused.",
+    ),
+    Route("/healthz", "get", "The process is up", HealthResponse, description="No key and no upstream call."),
+    Route("/openapi.json", "get", "This document", "application/json"),
+    Route(
+        "/metrics", "get", "Prometheus metrics, summed over every worker", "text/plain",
+        errors=ALWAYS + KEYED, auth="admin", description="For admin keys (ADMIN_API_KEYS) only.",
+    ),
+]
+
+
+def build_openapi(request_models: dict[str, type[BaseModel]], allowed_models: list[str] = ()) -> dict:
+    """The document, from the request models create_app built (by name) and the response models."""
+    schemas = component_schemas(list(request_models.values()))
+    if allowed_models:
+        restrict_model_field(schemas, allowed_models)
+    paths: dict = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = operation(route)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "genapi",
+            "version": "1",
+            "description": "A generative-AI model behind one endpoint, POST /generate, with an X-API-KEY. Every "
+            "error has one shape, ErrorResponse; an unknown route is a 404 and a wrong method a 405, in that shape.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                SECURITY_SCHEME: {"type": "apiKey", "in": "header", "name": "X-API-KEY", "description": "A client key."}
+            },
+            "headers": {
+                "X-Request-ID": {
+                    "description": "The request id: the client's X-Request-ID if it was plain, else a new one.",
+                    "required": True,
+                    "schema": {"type": "string"},
+                },
+                "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}},
+            },
+            "parameters": {
+                "X-Request-ID": {
+                    "name": "X-Request-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "Your id for this request, kept if plain: letters, digits and ._:- (1 to 128).",
+                    "schema": {"type": "string"},
+                }
+            },
+            "responses": {str(status): error_response(status) for status in ERROR_TYPES},
+        },
+    }
+
+
+def component_schemas(request_models: list[type[BaseModel]]) -> dict:
+    """Every model's JSON schema, each under its own name, with nested models referenced, not repeated."""
+    models = [(model, "validation") for model in request_models]
+    models += [(model, "serialization") for model in (GenerateResponse, HealthResponse, ErrorResponse)]
+    _, schema = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    return schema["$defs"]
+
+
+def restrict_model_field(schemas: dict, allowed_models: list[str]) -> None:
+    """With ALLOWED_MODELS set, `model` takes only those, which app.py checks after validation."""
+    for schema in schemas.values():
+        field = schema.get("properties", {}).get("model")
+        if field and "anyOf" in field:
+            field["anyOf"] = [{"enum": list(allowed_models)}, {"type": "null"}]
+
+
+def operation(route: Route) -> dict:
+    request_id = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    if isinstance(route.answer, str):
+        content = {route.answer: {"schema": {"type": "object"} if route.answer == "application/json" else {"type": "string"}}}
+    else:
+        content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.answer.__name__}"}}}
+    spec = {
+        "summary": route.summary,
+        "operationId": route.method + route.path.replace("/", "_").replace(".", "_"),
+        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
+        "responses": {"200": {"description": "Success.", "headers": request_id, "content": content}}
+        | {str(status): {"$ref": f"#/components/responses/{status}"} for status in sorted(route.errors)},
+        "security": [{SECURITY_SCHEME: []}] if route.auth else [],
+    }
+    if route.description:
+        spec["description"] = route.description
+    if route.body:
+        spec["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}},
+        }
+    return spec
+
+
+def error_response(status: int) -> dict:
+    headers = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    if status in RETRY_AFTER_STATUSES:
+        headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+    return {
+        "description": ERROR_MEANINGS[status],
+        "headers": headers,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
