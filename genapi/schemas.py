@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from genapi.errors import ApiError
 
@@ -48,6 +48,14 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def _whole_float_to_int(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON Schema (and so the OpenAPI document) counts 50.0 as an integer; strict mode alone would refuse it.
+WholeNumber = Annotated[int, BeforeValidator(_whole_float_to_int)]
+
+
 def build_request_models(max_prompt_chars: int, max_tokens_limit: int):
     """The request models, with the limits the settings give; returns the GenerateRequest class."""
 
@@ -57,7 +65,7 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int):
         # strict: "10" is not a number; forbid: a misspelt field is an error, not silently ignored.
         model_config = ConfigDict(extra="forbid", strict=True)
 
-        max_tokens: int = Field(default=50, ge=1, le=max_tokens_limit, description="Most tokens to generate.")
+        max_tokens: WholeNumber = Field(default=50, ge=1, le=max_tokens_limit, description="Most tokens to generate.")
         temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature.")
         model: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
             default=None, description="Model to use; the default is OPENAI_MODEL."
