@@ -1,0 +1,98 @@
+"""Logs: one JSON line per request on stdout, with no key, and prompts only with LOG_PROMPTS=true."""
+
+import json
+
+import httpx2
+import pytest
+
+from genapi.logs import effective_configuration
+from tests.conftest import UPSTREAM_KEY, USER_KEY, make_settings
+from tests.fake_openai import completion_body
+from tests.test_upstream import drop
+
+REQUEST_LINE_FIELDS = {
+    "time", "level", "request_id", "key_name", "method", "path", "status", "duration_ms", "upstream_ms",
+    "prompt_tokens", "completion_tokens", "cached", "upstream_request_id",
+}
+
+
+def request_lines(capsys) -> list[dict]:
+    """The request log lines written to stdout so far; every stdout line must be JSON."""
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    return [line for line in lines if line["logger"] == "genapi.request"]
+
+
+@pytest.fixture
+def quiet(capsys):
+    """Start the test with nothing captured, so only its own requests' lines are read."""
+    capsys.readouterr()
+    return capsys
+
+
+def test_each_request_writes_one_json_line_with_every_field(generate, upstream, quiet):
+    upstream.then(lambda request: httpx2.Response(
+        200, json=completion_body(json.loads(request.content), 1), headers={"x-request-id": "req_test_1"}
+    ))
+    response = generate(headers={"X-Request-ID": "trace-42"})
+    [line] = request_lines(quiet)
+    assert REQUEST_LINE_FIELDS <= set(line)
+    body = response.get_json()
+    assert line["request_id"] == "trace-42"
+    assert line["key_name"] == "alice"
+    assert (line["method"], line["path"], line["status"], line["level"]) == ("POST", "/generate", 200, "INFO")
+    assert line["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    assert line["completion_tokens"] == body["usage"]["completion_tokens"]
+    assert line["cached"] is False
+    assert line["upstream_request_id"] == "req_test_1"
+    assert line["duration_ms"] >= line["upstream_ms"] >= 0
+
+
+def test_unauthenticated_request_logs_a_null_key_name(client, quiet):
+    client.post("/generate", json={"prompt": "x"})
+    [line] = request_lines(quiet)
+    assert line["status"] == 401
+    assert line["key_name"] is None
+    assert line["upstream_ms"] is None
+
+
+def test_no_key_or_prompt_or_output_is_logged_by_default(client, generate, quiet):
+    generate(prompt="my secret prompt")
+    client.post("/generate?api_key=" + USER_KEY, json={"prompt": "my secret prompt"})
+    client.post("/generate", json={"prompt": "x"}, headers={"X-API-KEY": USER_KEY + "-wrong"})
+    output = quiet.readouterr().out
+    assert output.count('"logger": "genapi.request"') == 3
+    for secret in (USER_KEY, UPSTREAM_KEY, "my secret prompt", "echo:"):
+        assert secret not in output
+
+
+def test_prompt_and_output_are_logged_with_log_prompts_true(make_app, quiet):
+    client = make_app(log_prompts=True).test_client()
+    client.post("/generate", json={"prompt": "Tell me a joke."}, headers={"X-API-KEY": USER_KEY})
+    [line] = request_lines(quiet)
+    assert line["prompt"] == "Tell me a joke."
+    assert line["output"] == "echo: Tell me a joke."
+    assert USER_KEY not in json.dumps(line)
+
+
+def test_server_errors_are_logged_at_error_level(generate, upstream, quiet):
+    upstream.then(drop)
+    generate()
+    [line] = request_lines(quiet)
+    assert (line["status"], line["level"]) == (502, "ERROR")
+
+
+def test_other_log_records_are_json_too(make_app, quiet):
+    make_app(llm_provider="mock")  # warns that answers come from the mock
+    lines = [json.loads(line) for line in quiet.readouterr().out.splitlines()]
+    assert any(line["level"] == "WARNING" and "LLM_PROVIDER=mock" in line["message"] for line in lines)
+
+
+def test_start_up_configuration_masks_secrets_and_shows_only_the_base_urls_host():
+    settings = make_settings(openai_base_url=f"https://user:{UPSTREAM_KEY}@models.example.com:8443/v1")
+    shown = effective_configuration(settings)
+    assert shown["api_keys"] == "***"
+    assert shown["openai_api_key"] == "***"
+    assert shown["admin_api_keys"] is None
+    assert shown["openai_base_url"] == "models.example.com"
+    assert {"llm_provider", "openai_model", "worker_class", "web_concurrency", "max_prompt_chars"} <= set(shown)
+    assert USER_KEY not in json.dumps(shown) and UPSTREAM_KEY not in json.dumps(shown)

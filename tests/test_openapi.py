@@ -1,0 +1,85 @@
+"""GET /openapi.json: a valid OpenAPI 3.1 document, made from the same models and settings that validate requests."""
+
+from openapi_spec_validator import validate
+
+from genapi.errors import ERROR_TYPES
+from tests.conftest import USER_KEY
+
+UNDOCUMENTED_ENDPOINTS = {"static"}  # Flask's own, unused: genapi serves no static files
+
+
+def document(client) -> dict:
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def test_openapi_document_is_valid_openapi_3_1_and_needs_no_key(client):
+    spec = document(client)
+    assert spec["openapi"].startswith("3.1.")
+    validate(spec)
+
+
+def test_openapi_covers_every_route_and_method_of_the_app(app, client):
+    served = {
+        (rule.rule, method.lower())
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint not in UNDOCUMENTED_ENDPOINTS
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    documented = {(path, method) for path, operations in document(client)["paths"].items() for method in operations}
+    assert documented == served
+
+
+def test_openapi_lists_every_error_status_with_the_error_schema(client):
+    spec = document(client)
+    for status in ERROR_TYPES:
+        schema = spec["components"]["responses"][str(status)]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    detail = spec["components"]["schemas"]["ErrorDetail"]
+    assert set(detail["required"]) == {"message", "type", "param", "code"}
+    assert "fields" in detail["properties"]
+
+
+def test_generate_operation_declares_its_errors_key_and_request_id(client):
+    operation = document(client)["paths"]["/generate"]["post"]
+    assert {"400", "401", "403", "413", "415", "422", "429", "500", "502", "503", "504"} <= set(operation["responses"])
+    assert operation["security"] == [{"ApiKey": []}]
+    assert "X-Request-ID" in operation["responses"]["200"]["headers"]
+
+
+def test_api_key_scheme_is_the_x_api_key_header(client):
+    scheme = document(client)["components"]["securitySchemes"]["ApiKey"]
+    assert scheme == scheme | {"type": "apiKey", "in": "header", "name": "X-API-KEY"}
+
+
+def test_public_routes_declare_no_security(client):
+    paths = document(client)["paths"]
+    assert paths["/healthz"]["get"]["security"] == []
+    assert paths["/openapi.json"]["get"]["security"] == []
+
+
+def test_request_schema_carries_the_limits_from_settings(make_app):
+    spec = document(make_app(max_prompt_chars=123, max_tokens_limit=77).test_client())
+    fields = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert fields["prompt"]["maxLength"] == 123
+    assert fields["max_tokens"]["maximum"] == 77
+    assert spec["components"]["schemas"]["GenerateRequest"]["additionalProperties"] is False
+
+
+def test_request_schema_matches_validation_at_the_prompt_limit(make_app):
+    client = make_app(max_prompt_chars=10).test_client()
+    headers = {"X-API-KEY": USER_KEY}
+    assert client.post("/generate", json={"prompt": "x" * 10}, headers=headers).status_code == 200
+    assert client.post("/generate", json={"prompt": "x" * 11}, headers=headers).status_code == 422
+
+
+def test_allowed_models_become_the_model_fields_choices(make_app):
+    spec = document(make_app(allowed_models="small,large").test_client())
+    model = spec["components"]["schemas"]["GenerateRequest"]["properties"]["model"]
+    assert {"enum": ["small", "large"]} in model["anyOf"]
+
+
+def test_whole_number_max_tokens_is_an_integer_as_json_schema_says(generate):
+    assert generate(max_tokens=50.0).status_code == 200
+    assert generate(max_tokens=50.5).status_code == 422
