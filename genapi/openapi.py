@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document of GET /openapi.json, built from the pydantic models that validate and shape requests.
 
 The schemas come from the models themselves (with the limits the settings gave them), so the document cannot
-drift from what the service accepts and answers. Each route is one entry in ROUTES; a new route is one more entry.
+drift from what the service accepts and answers. Each route is one entry in ROUTES; a new route is one more entry
+(and, if it reads a body, its request model passed to build_openapi by the name its entry gives).
 """
 
 from dataclasses import dataclass
@@ -114,8 +115,9 @@ def build_openapi(request_models: dict[str, type[BaseModel]], allowed_models: li
 
 def component_schemas(request_models: list[type[BaseModel]]) -> dict:
     """Every model's JSON schema, each under its own name, with nested models referenced, not repeated."""
+    answers = {route.answer for route in ROUTES if not isinstance(route.answer, str)} | {ErrorResponse}
     models = [(model, "validation") for model in request_models]
-    models += [(model, "serialization") for model in (GenerateResponse, HealthResponse, ErrorResponse)]
+    models += [(model, "serialization") for model in sorted(answers, key=lambda model: model.__name__)]
     _, schema = models_json_schema(models, ref_template="#/components/schemas/{model}")
     return schema["$defs"]
 
@@ -131,7 +133,8 @@ def restrict_model_field(schemas: dict, allowed_models: list[str]) -> None:
 def operation(route: Route) -> dict:
     request_id = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
     if isinstance(route.answer, str):
-        content = {route.answer: {"schema": {"type": "object"} if route.answer == "application/json" else {"type": "string"}}}
+        schema = {"type": "object"} if route.answer == "application/json" else {"type": "string"}
+        content = {route.answer: {"schema": schema}}
     else:
         content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.answer.__name__}"}}}
     spec = {

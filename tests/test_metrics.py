@@ -63,7 +63,8 @@ def test_unknown_paths_share_one_route_label(client):
 
 
 def test_tokens_and_upstream_latency_are_counted(generate):
-    tokens_in, tokens_out = sample("genapi_tokens_total", direction="in"), sample("genapi_tokens_total", direction="out")
+    tokens_in = sample("genapi_tokens_total", direction="in")
+    tokens_out = sample("genapi_tokens_total", direction="out")
     completions = sample("genapi_upstream_duration_seconds_count")
     usage = generate().get_json()["usage"]
     assert sample("genapi_tokens_total", direction="in") == tokens_in + usage["prompt_tokens"]
@@ -79,7 +80,8 @@ def test_upstream_errors_are_counted_by_kind(generate, upstream):
 
 
 def test_cache_and_rate_limit_counters_count_what_they_are_told():
-    hits, misses = sample("genapi_cache_lookups_total", result="hit"), sample("genapi_cache_lookups_total", result="miss")
+    hits = sample("genapi_cache_lookups_total", result="hit")
+    misses = sample("genapi_cache_lookups_total", result="miss")
     limited = sample("genapi_rate_limited_total")
     metrics.count_cache_lookup(hit=True)
     metrics.count_cache_lookup(hit=False)
