@@ -1,21 +1,29 @@
-"""genapi's web app: POST /generate behind an X-API-KEY, in front of an OpenAI-compatible model.
+"""genapi's web app: POST /generate (and /generate/batch) behind an X-API-KEY, in front of an OpenAI-compatible model.
 
-The path of a request: `generate()` below -> `authenticate()` (genapi.keys) -> `parse_body()` (genapi.schemas)
--> `provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which
-genapi.errors turns into the one error shape.
+The path of a request: `generate()` below -> `authenticate()` (genapi.auth) -> `parse_body()` (genapi.schemas)
+-> `charge()` against the key's rate limit (genapi.limits) -> `answer()`: the cache (genapi.cache), else
+`provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which genapi.errors
+turns into the one error shape.
 """
 
 import logging
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 from flask import Flask, current_app, g, jsonify, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings, split_list
+from genapi.auth import authenticate
+from genapi.cache import build_cache, cache_key
+from genapi.commands import create_key
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, KeyRing
+from genapi.limits import build_limiter, charge
 from genapi.providers import Generation, build_provider
+from genapi.redis_state import RedisState
 from genapi.schemas import GenerateResponse, Usage, build_request_models, parse_body
 
 log = logging.getLogger("genapi")
@@ -32,22 +40,37 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     app.json.sort_keys = False  # keep "response" first, as the contract lists it
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
+    redis_state = RedisState(settings.redis_url.get_secret_value(), settings.redis_key_prefix) if settings.redis_url else None
+    GenerateRequest, BatchRequest = build_request_models(
+        settings.max_prompt_chars, settings.max_tokens_limit, settings.batch_max_prompts
+    )
     app.extensions["genapi"] = {
         "settings": settings,
-        "keys": KeyRing(split_list(settings.api_keys.get_secret_value())),
+        "keys": KeyRing(split_list(settings.api_keys.get_secret_value()), split_list(settings.admin_api_keys.get_secret_value())),
         "provider": build_provider(settings, http_client),
-        "GenerateRequest": build_request_models(settings.max_prompt_chars, settings.max_tokens_limit),
+        "redis": redis_state,
+        "cache": build_cache(settings, redis_state),
+        "GenerateRequest": GenerateRequest,
+        "BatchRequest": BatchRequest,
     }
     register_error_handlers(app)
     app.before_request(assign_request_id)
     app.after_request(send_request_id)
+    limiter = build_limiter(app, settings, redis_state)
     app.add_url_rule("/generate", view_func=generate, methods=["POST"])
-    app.add_url_rule("/healthz", view_func=healthz, methods=["GET"])
+    app.add_url_rule("/generate/batch", view_func=generate_batch, methods=["POST"])
+    app.add_url_rule("/healthz", view_func=limiter.exempt(healthz), methods=["GET"])
+    app.add_url_rule("/readyz", view_func=limiter.exempt(readyz), methods=["GET"])
+    app.cli.add_command(create_key)
+    if redis_state:
+        log.info("rate limits and the cache are shared through Redis at %s", redis_state.url)
     return app
 
 
 def state(name: str):
-    """What create_app built for this app: settings, keys, provider, request models."""
+    """What create_app built for this app: settings, keys, provider, redis, cache, limiter, request models."""
     return current_app.extensions["genapi"][name]
 
 
@@ -61,17 +84,6 @@ def send_request_id(response):
     return response
 
 
-def authenticate() -> Client:
-    """The client behind the X-API-KEY header: 401 without one, 403 for a key that is not accepted."""
-    presented = request.headers.get("X-API-KEY")
-    if not presented:
-        raise ApiError(401, "Send your key in the X-API-KEY header.", code="missing_api_key")
-    client = state("keys").identify(presented)
-    if client is None:
-        raise ApiError(403, "The X-API-KEY is not accepted.", code="invalid_api_key")
-    return client
-
-
 def read_json_body(model):
     """The validated body: 415 unless it is declared JSON; 400, 413 and 422 come from reading and parsing it."""
     if not request.is_json:
@@ -79,40 +91,93 @@ def read_json_body(model):
     return parse_body(model, request.get_data(cache=False))
 
 
-def generation_from(body) -> Generation:
-    """Apply the settings' model default and ALLOWED_MODELS to a validated body."""
+def generation_from(options, prompt: str, client: Client) -> Generation:
+    """Apply the settings' model default and ALLOWED_MODELS (which bind users, not admins) to validated options."""
     settings: Settings = state("settings")
-    model = body.model or settings.openai_model
-    if settings.allowed_models and model not in settings.allowed_models:
+    model = options.model or settings.openai_model
+    if settings.allowed_models and model not in settings.allowed_models and not client.is_admin:
         message = f"model {model!r} is not allowed; allowed models: {', '.join(settings.allowed_models)}"
         raise ApiError(422, message, code="model_not_allowed", param="model", fields=[{"param": "model", "message": message}])
     return Generation(
-        prompt=body.prompt, model=model, max_tokens=body.max_tokens, temperature=body.temperature, system=body.system
+        prompt=prompt, model=model, max_tokens=options.max_tokens, temperature=options.temperature, system=options.system
     )
+
+
+def wants_fresh_answer() -> bool:
+    """`Cache-Control: no-cache` asks for a new upstream call (whose answer is then cached)."""
+    return bool(request.cache_control.no_cache)
+
+
+def answer(client: Client, generation: Generation, answer_id: str, fresh: bool) -> dict:
+    """One prompt's success body: from the cache when it holds one, else from the provider, then cached."""
+    cache = state("cache")
+    key = cache_key(client.name, generation)
+    stored = cache.get(key) if cache and not fresh else None
+    cached = stored is not None
+    if not cached:
+        completion = state("provider").complete(generation)
+        stored = {
+            "response": completion.text,
+            "model": completion.model,
+            "finish_reason": completion.finish_reason,
+            "usage": Usage(
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                total_tokens=completion.prompt_tokens + completion.completion_tokens,
+            ).model_dump(),
+        }
+        if cache:
+            cache.put(key, stored)
+    return GenerateResponse(**stored, id=answer_id, cached=cached).model_dump()
 
 
 def generate():
     """POST /generate: one prompt in, the model's text out."""
-    g.client = authenticate()
-    generation = generation_from(read_json_body(state("GenerateRequest")))
-    completion = state("provider").complete(generation)
-    answer = GenerateResponse(
-        response=completion.text,
-        model=completion.model,
-        finish_reason=completion.finish_reason,
-        usage=Usage(
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            total_tokens=completion.prompt_tokens + completion.completion_tokens,
-        ),
-        id=g.request_id,
-    )
-    return jsonify(answer.model_dump())
+    client = authenticate()
+    body = read_json_body(state("GenerateRequest"))
+    generation = generation_from(body, body.prompt, client)
+    charge(1)
+    result = answer(client, generation, g.request_id, wants_fresh_answer())
+    response = jsonify(result)
+    if state("cache"):
+        response.headers["X-Cache"] = "HIT" if result["cached"] else "MISS"
+    return response
+
+
+def generate_batch():
+    """POST /generate/batch: many prompts with the same options, answered concurrently, in order."""
+    client = authenticate()
+    body = read_json_body(state("BatchRequest"))
+    generations = [generation_from(body, prompt, client) for prompt in body.prompts]
+    charge(len(generations))  # each prompt is one request against the key's limit: all of the batch, or 429
+    app, request_id, fresh = current_app._get_current_object(), g.request_id, wants_fresh_answer()
+
+    def answer_or_error(position: int, generation: Generation) -> dict:
+        # Each prompt runs in a worker thread (a greenlet under gevent), outside the request, in its own app context.
+        with app.app_context():
+            try:
+                return answer(client, generation, f"{request_id}-{position}", fresh)
+            except ApiError as error:
+                return error.body()
+
+    workers = min(state("settings").batch_concurrency, len(generations))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(answer_or_error, range(len(generations)), generations))
+    return jsonify(results=results)
 
 
 def healthz():
     """GET /healthz: the process is up. No key, no upstream call."""
     return jsonify(status="ok")
+
+
+def readyz():
+    """GET /readyz: ready to serve, with Redis (when configured) answering. No key, no upstream call."""
+    redis_state = state("redis")
+    problem = redis_state.problem() if redis_state else None
+    if problem:
+        raise ApiError(503, f"Not ready: {problem}.", code="redis_unavailable")
+    return jsonify(status="ready")
 
 
 # gunicorn's `app:app` and `flask --app app` find the app here; tests build their own with create_app().

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from genapi.errors import ApiError
 
@@ -20,7 +20,8 @@ class GenerateResponse(BaseModel):
     model: str = Field(description="The model that answered; 'mock' for the offline mock provider.")
     finish_reason: str | None = Field(description="Why generation stopped: 'stop', 'length', ...")
     usage: Usage
-    id: str = Field(description="The request id, also in the X-Request-ID header.")
+    id: str = Field(description="The request id, also in the X-Request-ID header; in a batch, `<id>-<position>`.")
+    cached: bool = Field(default=False, description="Whether the answer came from the response cache.")
 
 
 class ErrorDetail(BaseModel):
@@ -35,10 +36,16 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def build_request_models(max_prompt_chars: int, max_tokens_limit: int):
-    """The request models, with the limits the settings give; returns the GenerateRequest class."""
+def not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
 
-    Prompt = Annotated[str, StringConstraints(min_length=1, max_length=max_prompt_chars)]
+
+def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max_prompts: int = 16):
+    """The request models, with the limits the settings give; returns the GenerateRequest and BatchRequest classes."""
+
+    Prompt = Annotated[str, StringConstraints(min_length=1, max_length=max_prompt_chars), AfterValidator(not_blank)]
 
     class GenerationOptions(BaseModel):
         # strict: "10" is not a number; forbid: a misspelt field is an error, not silently ignored.
@@ -58,14 +65,14 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int):
 
         prompt: Prompt = Field(description="The text to complete.")
 
-        @field_validator("prompt")
-        @classmethod
-        def _not_blank(cls, value: str) -> str:
-            if not value.strip():
-                raise ValueError("must not be blank")
-            return value
+    class BatchRequest(GenerationOptions):
+        """The body of POST /generate/batch: the options apply to every prompt."""
 
-    return GenerateRequest
+        prompts: list[Prompt] = Field(
+            min_length=1, max_length=batch_max_prompts, description="The texts to complete, answered in this order."
+        )
+
+    return GenerateRequest, BatchRequest
 
 
 def parse_body(model: type[BaseModel], raw: bytes):
