@@ -76,7 +76,9 @@ def limit_for_client(settings: Settings):
     """The limit of the calling client: RATE_LIMIT, or ADMIN_RATE_LIMIT for an admin ("" means none at all)."""
 
     def limit() -> str:
-        if g.client.is_admin and settings.admin_rate_limit:
+        # Flask-Limiter also reads it before the view has authenticated anyone (to plan the request's limits).
+        client = g.get("client")
+        if client and client.is_admin and settings.admin_rate_limit:
             return "" if settings.admin_rate_limit == "none" else settings.admin_rate_limit
         return settings.rate_limit
 

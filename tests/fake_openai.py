@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ DROP = "drop"  # close the connection without answering
 NOT_JSON = "not_json"  # 200 whose body is not JSON
 EMPTY_CHOICES = "empty_choices"  # 200 with "choices": []
 HANG = "hang"  # never answer, so the client times out
+
+# A prompt containing "FAIL:<status>" is answered with that status whatever the script says, so a test of
+# concurrent calls can pick the failing one by its content rather than by call order.
+FAIL_MARKER = re.compile(r"FAIL:(\d{3})")
 
 
 @dataclass
@@ -74,6 +79,8 @@ class FakeOpenAI:
         self.calls = 0
         self.requests: list[dict] = []  # headers and body of each chat call, newest last
         self.record = True
+        self.in_flight = 0  # chat calls being answered right now
+        self.max_in_flight = 0  # the most at once since the last reset
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -89,6 +96,7 @@ class FakeOpenAI:
         self.requests.clear()
         self.calls = 0
         self.delay = 0.0
+        self.max_in_flight = 0
 
     @property
     def base_url(self) -> str:
@@ -123,6 +131,14 @@ class FakeOpenAI:
             writer.close()
 
     async def _chat(self, headers: dict, body: bytes) -> bytes | None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer_chat(headers, body)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer_chat(self, headers: dict, body: bytes) -> bytes | None:
         self.calls += 1
         request_id = next(self._ids)
         behaviour = self.script.pop(0) if self.script else OK
@@ -132,6 +148,9 @@ class FakeOpenAI:
             request_body = {}
         if self.record:
             self.requests.append({"headers": headers, "body": request_body})
+        marker = FAIL_MARKER.search(json.dumps(request_body.get("messages", [])))
+        if marker:
+            behaviour = Status(int(marker.group(1)))
         if behaviour == HANG:
             await asyncio.sleep(3600)
         if self.delay:
