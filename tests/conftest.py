@@ -66,12 +66,16 @@ class MockUpstream:
         self.requests.append(request)
         answer = self.script.pop(0) if self.script else None
         if answer is None:
-            return httpx2.Response(200, json=completion_body(json.loads(request.content), self.calls))
+            return self.ok(request)
         if isinstance(answer, Exception):
             raise answer
         if callable(answer):
             return answer(request)
         return answer
+
+    def ok(self, request: httpx2.Request) -> httpx2.Response:
+        """The good completion, echoing the prompt, that answers any call nothing else was scripted for."""
+        return httpx2.Response(200, json=completion_body(json.loads(request.content), self.calls))
 
     def http_client(self) -> httpx2.Client:
         return httpx2.Client(transport=httpx2.MockTransport(self.handle))
