@@ -79,7 +79,7 @@ class FakeOpenAI:
         self.calls = 0
         self.requests: list[dict] = []  # headers and body of each chat call, newest last
         self.record = True
-        self.in_flight = 0  # chat calls being answered right now
+        self.in_flight = 0  # chat calls waiting out the delay right now
         self.max_in_flight = 0  # the most at once since the last reset
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,14 +131,6 @@ class FakeOpenAI:
             writer.close()
 
     async def _chat(self, headers: dict, body: bytes) -> bytes | None:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            return await self._answer_chat(headers, body)
-        finally:
-            self.in_flight -= 1
-
-    async def _answer_chat(self, headers: dict, body: bytes) -> bytes | None:
         self.calls += 1
         request_id = next(self._ids)
         behaviour = self.script.pop(0) if self.script else OK
@@ -154,7 +146,7 @@ class FakeOpenAI:
         if behaviour == HANG:
             await asyncio.sleep(3600)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await self._wait(self.delay)
         if behaviour == DROP:
             return None
         if behaviour == NOT_JSON:
@@ -167,6 +159,15 @@ class FakeOpenAI:
             error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
             return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
         return http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
+
+    async def _wait(self, seconds: float) -> None:
+        """Wait out the delay, counting the calls that wait at once (a HANG never gets here, so never counts)."""
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.in_flight -= 1
 
     async def _serve(self, port: int, started: threading.Event | None) -> None:
         server = await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=4096)
