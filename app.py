@@ -42,13 +42,17 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.json.sort_keys = False  # keep "response" first, as the contract lists it
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
-    redis_state = RedisState(settings.redis_url.get_secret_value(), settings.redis_key_prefix) if settings.redis_url else None
+    redis_state = None
+    if settings.redis_url:
+        redis_state = RedisState(settings.redis_url.get_secret_value(), settings.redis_key_prefix)
     GenerateRequest, BatchRequest = build_request_models(
         settings.max_prompt_chars, settings.max_tokens_limit, settings.batch_max_prompts
     )
     app.extensions["genapi"] = {
         "settings": settings,
-        "keys": KeyRing(split_list(settings.api_keys.get_secret_value()), split_list(settings.admin_api_keys.get_secret_value())),
+        "keys": KeyRing(
+            split_list(settings.api_keys.get_secret_value()), split_list(settings.admin_api_keys.get_secret_value())
+        ),
         "provider": build_provider(settings, http_client),
         "redis": redis_state,
         "cache": build_cache(settings, redis_state),
@@ -99,7 +103,11 @@ def generation_from(options, prompt: str, client: Client) -> Generation:
         message = f"model {model!r} is not allowed; allowed models: {', '.join(settings.allowed_models)}"
         raise ApiError(422, message, code="model_not_allowed", param="model", fields=[{"param": "model", "message": message}])
     return Generation(
-        prompt=prompt, model=model, max_tokens=options.max_tokens, temperature=options.temperature, system=options.system
+        prompt=prompt,
+        model=model,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        system=options.system,
     )
 
 

@@ -60,7 +60,8 @@ def test_redis_cache_entries_expire_after_cache_ttl(make_app, upstream, redis_se
 def test_no_cache_refreshes_the_redis_entry(make_app, upstream, redis_settings):
     client = make_app(cache_ttl=60, **redis_settings).test_client()
     post(client)
-    fresh = client.post("/generate", json={"prompt": "hi"}, headers={"X-API-KEY": USER_KEY, "Cache-Control": "no-cache"})
+    headers = {"X-API-KEY": USER_KEY, "Cache-Control": "no-cache"}
+    fresh = client.post("/generate", json={"prompt": "hi"}, headers=headers)
     assert fresh.headers["X-Cache"] == "MISS"
     assert post(client).get_json()["usage"] == fresh.get_json()["usage"]
     assert upstream.calls == 2
