@@ -1,26 +1,37 @@
-"""genapi's web app: POST /generate behind an X-API-KEY, in front of an OpenAI-compatible model.
+"""genapi's web app: POST /generate (and /generate/batch) behind an X-API-KEY, in front of an OpenAI-compatible model.
 
-The path of a request: `generate()` below -> `authenticate()` (genapi.keys) -> `parse_body()` (genapi.schemas)
--> `complete()` -> `provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which
+The path of a request: `generate()` below -> `authenticate()` (genapi.auth) -> `parse_body()` (genapi.schemas)
+-> `charge()` against the key's rate limit (genapi.limits) -> `answer()`: the cache (genapi.cache), else
+`complete()` -> `provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which
 genapi.errors turns into the one error shape. Every answer then passes `finish_request()`, which counts it in the
 metrics (genapi.metrics) and writes its one JSON log line (genapi.logs).
 """
 
+import logging
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 from flask import Flask, Response, current_app, g, jsonify, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings, split_list
 from genapi import metrics
+from genapi.auth import authenticate, require_admin
+from genapi.cache import build_cache, cache_key
+from genapi.commands import create_key
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, KeyRing
+from genapi.limits import build_limiter, charge
 from genapi.logs import configure_logging, log_request
 from genapi.openapi import build_openapi
 from genapi.providers import Completion, Generation, build_provider
-from genapi.schemas import GenerateResponse, HealthResponse, Usage, build_request_models, parse_body
+from genapi.redis_state import RedisState
+from genapi.schemas import GenerateResponse, HealthResponse, ReadyResponse, Usage, build_request_models, parse_body
+
+log = logging.getLogger("genapi")
 
 # A client's X-Request-ID is kept only if it is short and plain, so it cannot smuggle anything into our logs.
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -34,28 +45,42 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     app.json.sort_keys = False  # keep "response" first, as the contract lists it
-    generate_request = build_request_models(settings.max_prompt_chars, settings.max_tokens_limit)
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
+    redis_state = None
+    if settings.redis_url:
+        redis_state = RedisState(settings.redis_url.get_secret_value(), settings.redis_key_prefix)
+    request_models = build_request_models(
+        settings.max_prompt_chars, settings.max_tokens_limit, settings.batch_max_prompts
+    )
     app.extensions["genapi"] = {
         "settings": settings,
         "keys": KeyRing(
             split_list(settings.api_keys.get_secret_value()), split_list(settings.admin_api_keys.get_secret_value())
         ),
         "provider": build_provider(settings, http_client),
-        "GenerateRequest": generate_request,
-        "openapi": build_openapi({"GenerateRequest": generate_request}, settings.allowed_models),
-    }
+        "redis": redis_state,
+        "cache": build_cache(settings, redis_state),
+        "openapi": build_openapi(request_models, settings.allowed_models),
+    } | request_models
     register_error_handlers(app)
     app.before_request(start_request)
     app.after_request(finish_request)
+    limiter = build_limiter(app, settings, redis_state)
     app.add_url_rule("/generate", view_func=generate, methods=["POST"])
-    app.add_url_rule("/healthz", view_func=healthz, methods=["GET"])
-    app.add_url_rule("/openapi.json", view_func=openapi_document, methods=["GET"])
-    app.add_url_rule("/metrics", view_func=metrics_text, methods=["GET"])
+    app.add_url_rule("/generate/batch", view_func=generate_batch, methods=["POST"])
+    app.add_url_rule("/healthz", view_func=limiter.exempt(healthz), methods=["GET"])
+    app.add_url_rule("/readyz", view_func=limiter.exempt(readyz), methods=["GET"])
+    app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
+    app.add_url_rule("/metrics", view_func=require_admin(metrics_text), methods=["GET"])
+    app.cli.add_command(create_key)
+    if redis_state:
+        log.info("rate limits and the cache are shared through Redis at %s", redis_state.url)
     return app
 
 
 def state(name: str):
-    """What create_app built for this app: settings, keys, provider, request models, OpenAPI document."""
+    """What create_app built for this app: settings, keys, provider, redis, cache, limiter, models, OpenAPI."""
     return current_app.extensions["genapi"][name]
 
 
@@ -63,7 +88,7 @@ def start_request() -> None:
     g.started = time.perf_counter()
     client_id = request.headers.get("X-Request-ID", "")
     g.request_id = client_id if SANE_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
-    g.cached = False  # the response cache sets it when it answers
+    g.cached = False  # answer() sets it when the cache answers
 
 
 def finish_request(response: Response) -> Response:
@@ -77,23 +102,6 @@ def finish_request(response: Response) -> Response:
     return response
 
 
-def authenticate() -> Client:
-    """The client behind the X-API-KEY header: 401 without one, 403 for a key that is not accepted."""
-    presented = request.headers.get("X-API-KEY")
-    if not presented:
-        raise ApiError(401, "Send your key in the X-API-KEY header.", code="missing_api_key")
-    client = state("keys").identify(presented)
-    if client is None:
-        raise ApiError(403, "The X-API-KEY is not accepted.", code="invalid_api_key")
-    return client
-
-
-def require_admin(client: Client) -> None:
-    """403 unless the client's key is one of ADMIN_API_KEYS."""
-    if not client.is_admin:
-        raise ApiError(403, "This route needs an admin key (ADMIN_API_KEYS).", code="admin_only")
-
-
 def read_json_body(model):
     """The validated body: 415 unless it is declared JSON; 400, 413 and 422 come from reading and parsing it."""
     if not request.is_json:
@@ -101,16 +109,25 @@ def read_json_body(model):
     return parse_body(model, request.get_data(cache=False))
 
 
-def generation_from(body) -> Generation:
-    """Apply the settings' model default and ALLOWED_MODELS to a validated body."""
+def generation_from(options, prompt: str, client: Client) -> Generation:
+    """Apply the settings' model default and ALLOWED_MODELS (which bind users, not admins) to validated options."""
     settings: Settings = state("settings")
-    model = body.model or settings.openai_model
-    if settings.allowed_models and model not in settings.allowed_models:
+    model = options.model or settings.openai_model
+    if settings.allowed_models and model not in settings.allowed_models and not client.is_admin:
         message = f"model {model!r} is not allowed; allowed models: {', '.join(settings.allowed_models)}"
         raise ApiError(422, message, code="model_not_allowed", param="model", fields=[{"param": "model", "message": message}])
     return Generation(
-        prompt=body.prompt, model=model, max_tokens=body.max_tokens, temperature=body.temperature, system=body.system
+        prompt=prompt,
+        model=model,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        system=options.system,
     )
+
+
+def wants_fresh_answer() -> bool:
+    """`Cache-Control: no-cache` asks for a new upstream call (whose answer is then cached)."""
+    return bool(request.cache_control.no_cache)
 
 
 def complete(generation: Generation) -> Completion:
@@ -126,28 +143,80 @@ def complete(generation: Generation) -> Completion:
     return completion
 
 
+def answer(client: Client, generation: Generation, answer_id: str, fresh: bool) -> dict:
+    """One prompt's success body: from the cache when it holds one, else from the provider, then cached."""
+    cache = state("cache")
+    key = cache_key(client.name, generation)
+    stored = cache.get(key) if cache and not fresh else None
+    cached = stored is not None
+    if cache and not fresh:
+        metrics.count_cache_lookup(cached)
+    if cached:
+        g.cached = True
+    else:
+        completion = complete(generation)
+        stored = {
+            "response": completion.text,
+            "model": completion.model,
+            "finish_reason": completion.finish_reason,
+            "usage": Usage(
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                total_tokens=completion.prompt_tokens + completion.completion_tokens,
+            ).model_dump(),
+        }
+        if cache:
+            cache.put(key, stored)
+    return GenerateResponse(**stored, id=answer_id, cached=cached).model_dump()
+
+
 def generate():
     """POST /generate: one prompt in, the model's text out."""
-    g.client = authenticate()
-    generation = generation_from(read_json_body(state("GenerateRequest")))
-    completion = complete(generation)
-    answer = GenerateResponse(
-        response=completion.text,
-        model=completion.model,
-        finish_reason=completion.finish_reason,
-        usage=Usage(
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            total_tokens=completion.prompt_tokens + completion.completion_tokens,
-        ),
-        id=g.request_id,
-    )
-    return jsonify(answer.model_dump())
+    client = authenticate()
+    body = read_json_body(state("GenerateRequest"))
+    generation = generation_from(body, body.prompt, client)
+    charge(1)
+    result = answer(client, generation, g.request_id, wants_fresh_answer())
+    response = jsonify(result)
+    if state("cache"):
+        response.headers["X-Cache"] = "HIT" if result["cached"] else "MISS"
+    return response
+
+
+def generate_batch():
+    """POST /generate/batch: many prompts with the same options, answered concurrently, in order."""
+    client = authenticate()
+    body = read_json_body(state("BatchRequest"))
+    generations = [generation_from(body, prompt, client) for prompt in body.prompts]
+    charge(len(generations))  # each prompt is one request against the key's limit: all of the batch, or 429
+    app, request_id, fresh = current_app._get_current_object(), g.request_id, wants_fresh_answer()
+
+    def answer_or_error(position: int, generation: Generation) -> dict:
+        # Each prompt runs in a worker thread (a greenlet under gevent), outside the request, in its own app context.
+        with app.app_context():
+            try:
+                return answer(client, generation, f"{request_id}-{position}", fresh)
+            except ApiError as error:
+                return error.body()
+
+    workers = min(state("settings").batch_concurrency, len(generations))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(answer_or_error, range(len(generations)), generations))
+    return jsonify(results=results)
 
 
 def healthz():
     """GET /healthz: the process is up. No key, no upstream call."""
     return jsonify(HealthResponse(status="ok").model_dump())
+
+
+def readyz():
+    """GET /readyz: ready to serve, with Redis (when configured) answering. No key, no upstream call."""
+    redis_state = state("redis")
+    problem = redis_state.problem() if redis_state else None
+    if problem:
+        raise ApiError(503, f"Not ready: {problem}.", code="redis_unavailable")
+    return jsonify(ReadyResponse(status="ready").model_dump())
 
 
 def openapi_document():
@@ -156,9 +225,7 @@ def openapi_document():
 
 
 def metrics_text():
-    """GET /metrics: Prometheus text, for admin keys only."""
-    g.client = authenticate()
-    require_admin(g.client)
+    """GET /metrics: Prometheus text, summed over every worker; admin keys only (require_admin)."""
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)
 

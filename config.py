@@ -10,6 +10,7 @@ import secrets
 import sys
 from typing import Annotated, Literal
 
+from limits import parse_many
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
 
     # Client keys: comma-separated entries, each `key`, `sha256:<hex>`, `name:key` or `name:sha256:<hex>`.
     api_keys: SecretStr = SecretStr("")
-    # Admin keys, in the same format: they may also read /metrics.
+    # Admins: the same format; they may use any model and reach operational endpoints such as /metrics.
     admin_api_keys: SecretStr = SecretStr("")
 
     # The model server.
@@ -60,6 +61,24 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(default=4096, ge=1)
     max_content_length: int = Field(default=1024 * 1024, ge=1024)
     allowed_models: Annotated[list[str], NoDecode] = []
+
+    # Rate limits, in Flask-Limiter's notation ("60/minute", "10/second;500/hour").
+    rate_limit: str = "60/minute"
+    admin_rate_limit: str = ""  # empty: admins have RATE_LIMIT too; "none": admins are not limited
+    auth_failure_limit: str = "10/minute"  # failed authentications per client address
+    trusted_proxies: int = Field(default=0, ge=0, le=10)  # hops whose X-Forwarded-For is believed; Heroku: 1
+
+    # Shared state: with REDIS_URL, every worker and instance shares rate counts and the cache.
+    redis_url: SecretStr | None = None  # may hold a password
+    redis_key_prefix: str = Field(default="genapi:", min_length=1, max_length=100)
+
+    # The response cache: seconds an answer is kept; 0 turns it off.
+    cache_ttl: int = Field(default=0, ge=0)
+    cache_max_entries: int = Field(default=1024, ge=1)  # in-process cache only; Redis evicts by its own policy
+
+    # POST /generate/batch.
+    batch_max_prompts: int = Field(default=16, ge=1, le=256)
+    batch_concurrency: int = Field(default=8, ge=1, le=64)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Prompts and outputs are the clients' data: they reach the request log line only when asked for.
@@ -77,6 +96,33 @@ class Settings(BaseSettings):
         for entry in split_list(value.get_secret_value()):
             parse_entry(entry)  # raises ValueError naming what is wrong, never the key
         return value
+
+    @field_validator("rate_limit", "auth_failure_limit")
+    @classmethod
+    def _check_limit(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate limit; write it like 60/minute or 10/second;500/hour") from None
+        return value
+
+    @field_validator("admin_rate_limit")
+    @classmethod
+    def _check_admin_limit(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() == "none":
+            return "none"
+        return cls._check_limit(value) if value else ""
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _check_redis_url(cls, value):
+        url = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if url in (None, ""):
+            return None
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://, for example redis://localhost:6379")
+        return url
 
     @field_validator("allowed_models", mode="before")
     @classmethod
@@ -107,7 +153,8 @@ class Settings(BaseSettings):
                 f"request upstream for {worst:g} s, past the {UPSTREAM_BUDGET_SECONDS} s that fits Heroku's "
                 f"{HEROKU_ROUTER_LIMIT_SECONDS} s router limit; lower one of them"
             )
-        if not self.api_keys.get_secret_value().strip() and self.llm_provider != "mock":
+        no_keys = not (self.api_keys.get_secret_value().strip() or self.admin_api_keys.get_secret_value().strip())
+        if no_keys and self.llm_provider != "mock":
             raise ValueError(
                 "API_KEYS is empty, and genapi never runs open: set API_KEYS to one or more client keys "
                 "(`flask --app app create-key NAME` makes one)"

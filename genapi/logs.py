@@ -85,10 +85,11 @@ def effective_configuration(settings) -> dict:
     """Every setting, for the start-up line: secrets only as set or not, URLs only as their host."""
     shown = {}
     for name, value in settings:
-        if isinstance(value, SecretStr):
-            value = "***" if value.get_secret_value() else None
-        elif name.endswith("_url"):
+        if name.endswith("_url"):  # a URL may carry a password (REDIS_URL does on Heroku): its host is enough
+            value = value.get_secret_value() if isinstance(value, SecretStr) else value
             value = urlsplit(value).hostname if value else None
+        elif isinstance(value, SecretStr):
+            value = "***" if value.get_secret_value() else None
         shown[name] = value
     if shown.get("openai_base_url") is None and settings.llm_provider == "openai":
         shown["openai_base_url"] = "api.openai.com"

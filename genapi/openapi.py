@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from genapi.errors import ERROR_TYPES
-from genapi.schemas import ErrorResponse, GenerateResponse, HealthResponse
+from genapi.schemas import BatchResponse, ErrorResponse, GenerateResponse, HealthResponse, ReadyResponse
 
 SECURITY_SCHEME = "ApiKey"
 
@@ -26,20 +26,22 @@ ERROR_MEANINGS = {
     415: "The body is not sent as application/json (unsupported_media_type).",
     422: "A field is missing, of the wrong type, out of range or unknown (validation_error), or the model is not "
     "in ALLOWED_MODELS (model_not_allowed); error.fields lists each failing field.",
-    429: "A rate limit refused the request; retry after the Retry-After header's seconds.",
+    429: "A rate limit refused the request: the key's RATE_LIMIT (rate_limit_exceeded) or this address's failed "
+    "authentications (too_many_auth_failures); retry after the Retry-After header's seconds.",
     500: "A bug in genapi (internal_error); it is logged.",
     502: "The model server failed, could not be reached, answered with something unusable, or refused genapi's "
     "credentials (upstream_error, upstream_unavailable, upstream_bad_response, upstream_auth).",
-    503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds.",
+    503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds. "
+    "On /readyz: Redis does not answer (redis_unavailable).",
     504: "The model server did not answer in time (upstream_timeout).",
 }
 RETRY_AFTER_STATUSES = (429, 503)
 
 # The errors any route can give, and those of a route that reads a JSON body and calls the model.
 ALWAYS = (500,)
-KEYED = (401, 403)
+KEYED = (401, 403, 429)
 JSON_BODY = (400, 413, 415, 422)
-MODEL_CALL = (429, 502, 503, 504)
+MODEL_CALL = (502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,17 @@ ROUTES = [
         errors=ALWAYS + KEYED + JSON_BODY + MODEL_CALL, body="GenerateRequest", auth="key",
         description="One prompt in, the model's text out. Types are strict and unknown fields are refused.",
     ),
+    Route(
+        "/generate/batch", "post", "Generate text for several prompts", BatchResponse,
+        errors=ALWAYS + KEYED + JSON_BODY + MODEL_CALL, body="BatchRequest", auth="key",
+        description="The same options for every prompt; one result per prompt, in order, each a success or an "
+        "error. Each prompt counts as one request against the key's rate limit.",
+    ),
     Route("/healthz", "get", "The process is up", HealthResponse, description="No key and no upstream call."),
+    Route(
+        "/readyz", "get", "Ready to serve: the configuration is valid and Redis, if configured, answers",
+        ReadyResponse, errors=ALWAYS + (503,), description="No key and no upstream call.",
+    ),
     Route("/openapi.json", "get", "This document", "application/json"),
     Route(
         "/metrics", "get", "Prometheus metrics, summed over every worker", "text/plain",

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
 
 from genapi.errors import ApiError
 
@@ -20,13 +20,20 @@ class GenerateResponse(BaseModel):
     model: str = Field(description="The model that answered; 'mock' for the offline mock provider.")
     finish_reason: str | None = Field(description="Why generation stopped: 'stop', 'length', ...")
     usage: Usage
-    id: str = Field(description="The request id, also in the X-Request-ID header.")
+    id: str = Field(description="The request id, also in the X-Request-ID header; in a batch, `<id>-<position>`.")
+    cached: bool = Field(default=False, description="Whether the answer came from the response cache.")
 
 
 class HealthResponse(BaseModel):
     """What GET /healthz answers with."""
 
     status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    """What GET /readyz answers with when the service is ready."""
+
+    status: Literal["ready"]
 
 
 class FieldError(BaseModel):
@@ -48,6 +55,12 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class BatchResponse(BaseModel):
+    """What POST /generate/batch answers with: one entry per prompt, in order, each a success or an error."""
+
+    results: list[GenerateResponse | ErrorResponse]
+
+
 def _whole_float_to_int(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
@@ -56,10 +69,22 @@ def _whole_float_to_int(value):
 WholeNumber = Annotated[int, BeforeValidator(_whole_float_to_int)]
 
 
-def build_request_models(max_prompt_chars: int, max_tokens_limit: int):
-    """The request models, with the limits the settings give; returns the GenerateRequest class."""
+def not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
 
-    Prompt = Annotated[str, StringConstraints(min_length=1, max_length=max_prompt_chars)]
+
+def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max_prompts: int = 16):
+    """The request models, with the limits the settings give, by name: GenerateRequest and BatchRequest."""
+
+    # The pattern tells the OpenAPI document what not_blank enforces (not_blank gives the clearer message).
+    Prompt = Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=max_prompt_chars),
+        AfterValidator(not_blank),
+        Field(json_schema_extra={"pattern": r"\S"}),
+    ]
 
     class GenerationOptions(BaseModel):
         # strict: "10" is not a number; forbid: a misspelt field is an error, not silently ignored.
@@ -77,17 +102,16 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int):
     class GenerateRequest(GenerationOptions):
         """The body of POST /generate."""
 
-        # The pattern tells the OpenAPI document what _not_blank below enforces, with a clearer message.
-        prompt: Prompt = Field(description="The text to complete; not blank.", json_schema_extra={"pattern": r"\S"})
+        prompt: Prompt = Field(description="The text to complete; not blank.")
 
-        @field_validator("prompt")
-        @classmethod
-        def _not_blank(cls, value: str) -> str:
-            if not value.strip():
-                raise ValueError("must not be blank")
-            return value
+    class BatchRequest(GenerationOptions):
+        """The body of POST /generate/batch: the options apply to every prompt."""
 
-    return GenerateRequest
+        prompts: list[Prompt] = Field(
+            min_length=1, max_length=batch_max_prompts, description="The texts to complete, answered in this order."
+        )
+
+    return {"GenerateRequest": GenerateRequest, "BatchRequest": BatchRequest}
 
 
 def parse_body(model: type[BaseModel], raw: bytes):

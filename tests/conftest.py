@@ -2,28 +2,40 @@
 
 import json
 import os
+import shutil
+import subprocess
+import time
+import uuid
 
 import httpx2
 import pytest
+import redis
 
 # app.py builds a module-level app at import for gunicorn; give that import a known environment, not the caller's.
-for variable in [v for v in os.environ if v.startswith(("OPENAI_", "LLM_", "API_KEYS", "ALLOWED_MODELS", "MAX_"))]:
+GENAPI_PREFIXES = ("OPENAI_", "LLM_", "API_KEYS", "ALLOWED_MODELS", "MAX_", "ADMIN_", "RATE_LIMIT", "AUTH_", "REDIS_")
+GENAPI_PREFIXES += ("CACHE_", "BATCH_", "TRUSTED_PROXIES")
+for variable in [v for v in os.environ if v.startswith(GENAPI_PREFIXES)]:
     del os.environ[variable]
 os.environ["API_KEYS"] = "import-time-key-not-used-by-tests"
 
 from app import create_app  # noqa: E402
 from config import Settings  # noqa: E402
 from tests.fake_openai import FakeOpenAI, completion_body  # noqa: E402
+from tests.procfile import free_port  # noqa: E402
 
 del os.environ["API_KEYS"]
 
 USER_KEY = "test-user-key-0123456789"
+ADMIN_KEY = "test-admin-key-9876543210"
+# The Redis that DEVELOPERS.md and .ci/run start; shared with other test runs, so each test keeps to its own prefix.
+SHARED_REDIS_URL = os.environ.get("GENAPI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 UPSTREAM_KEY = "sk-upstream-secret-abcdef987654"
 
 
 def make_settings(**overrides) -> Settings:
     values = {
         "api_keys": f"alice:{USER_KEY}",
+        "admin_api_keys": f"root:{ADMIN_KEY}",
         "llm_provider": "openai",
         "openai_api_key": UPSTREAM_KEY,
         "openai_base_url": "http://upstream.test/v1",
@@ -54,12 +66,16 @@ class MockUpstream:
         self.requests.append(request)
         answer = self.script.pop(0) if self.script else None
         if answer is None:
-            return httpx2.Response(200, json=completion_body(json.loads(request.content), self.calls))
+            return self.ok(request)
         if isinstance(answer, Exception):
             raise answer
         if callable(answer):
             return answer(request)
         return answer
+
+    def ok(self, request: httpx2.Request) -> httpx2.Response:
+        """The good completion, echoing the prompt, that answers any call nothing else was scripted for."""
+        return httpx2.Response(200, json=completion_body(json.loads(request.content), self.calls))
 
     def http_client(self) -> httpx2.Client:
         return httpx2.Client(transport=httpx2.MockTransport(self.handle))
@@ -114,3 +130,71 @@ def fake_openai(fake_openai_server) -> FakeOpenAI:
     fake_openai_server.reset()
     yield fake_openai_server
     fake_openai_server.reset()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url() -> str:
+    """The shared test Redis; its tests skip when it is not running, and fail instead under GENAPI_REQUIRE_REDIS=1."""
+    try:
+        redis.Redis.from_url(SHARED_REDIS_URL, socket_connect_timeout=1, socket_timeout=1).ping()
+    except redis.RedisError as error:
+        redis_missing(f"Redis is not reachable at {SHARED_REDIS_URL} ({type(error).__name__}); start it (see .ci/run)")
+    return SHARED_REDIS_URL
+
+
+def redis_missing(reason: str) -> None:
+    if os.environ.get("GENAPI_REQUIRE_REDIS") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_settings(shared_redis_url):
+    """Settings that put this test's rate counts and cache in the shared Redis, under a prefix of its own."""
+    prefix = f"genapi-test-{uuid.uuid4().hex[:12]}:"
+    yield {"redis_url": shared_redis_url, "redis_key_prefix": prefix}
+    connection = redis.Redis.from_url(shared_redis_url)
+    keys = list(connection.scan_iter(match=f"{prefix}*"))
+    if keys:
+        connection.delete(*keys)
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, on a free port, that the test may stop: the shared one is never stopped."""
+
+    PASSWORD = "private-redis-password-4242"  # so tests can check that no log shows it
+
+    def __init__(self):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            + ["--requirepass", self.PASSWORD],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://:{self.PASSWORD}@127.0.0.1:{self.port}/0"
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)  # polling for the server to listen: there is no event to wait on
+        self.stop()
+        raise AssertionError("the private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def private_redis():
+    """A Redis that this test can take away mid-run."""
+    if shutil.which("redis-server") is None:
+        redis_missing("redis-server is not installed (apt-get install redis-server)")
+    server = PrivateRedis()
+    yield server
+    server.stop()

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ DROP = "drop"  # close the connection without answering
 NOT_JSON = "not_json"  # 200 whose body is not JSON
 EMPTY_CHOICES = "empty_choices"  # 200 with "choices": []
 HANG = "hang"  # never answer, so the client times out
+
+# A prompt containing "FAIL:<status>" is answered with that status whatever the script says, so a test of
+# concurrent calls can pick the failing one by its content rather than by call order.
+FAIL_MARKER = re.compile(r"FAIL:(\d{3})")
 
 
 @dataclass
@@ -74,6 +79,8 @@ class FakeOpenAI:
         self.calls = 0
         self.requests: list[dict] = []  # headers and body of each chat call, newest last
         self.record = True
+        self.in_flight = 0  # chat calls waiting out the delay right now
+        self.max_in_flight = 0  # the most at once since the last reset
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -89,6 +96,7 @@ class FakeOpenAI:
         self.requests.clear()
         self.calls = 0
         self.delay = 0.0
+        self.max_in_flight = 0
 
     @property
     def base_url(self) -> str:
@@ -132,10 +140,13 @@ class FakeOpenAI:
             request_body = {}
         if self.record:
             self.requests.append({"headers": headers, "body": request_body})
+        marker = FAIL_MARKER.search(json.dumps(request_body.get("messages", [])))
+        if marker:
+            behaviour = Status(int(marker.group(1)))
         if behaviour == HANG:
             await asyncio.sleep(3600)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await self._wait(self.delay)
         if behaviour == DROP:
             return None
         if behaviour == NOT_JSON:
@@ -148,6 +159,15 @@ class FakeOpenAI:
             error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
             return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
         return http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
+
+    async def _wait(self, seconds: float) -> None:
+        """Wait out the delay, counting the calls that wait at once (a HANG never gets here, so never counts)."""
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.in_flight -= 1
 
     async def _serve(self, port: int, started: threading.Event | None) -> None:
         server = await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=4096)

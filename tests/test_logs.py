@@ -88,11 +88,17 @@ def test_other_log_records_are_json_too(make_app, quiet):
 
 
 def test_start_up_configuration_masks_secrets_and_shows_only_the_base_urls_host():
-    settings = make_settings(openai_base_url=f"https://user:{UPSTREAM_KEY}@models.example.com:8443/v1")
+    settings = make_settings(
+        openai_base_url=f"https://user:{UPSTREAM_KEY}@models.example.com:8443/v1",
+        admin_api_keys="",
+        redis_url="redis://:redis-password-42@cache.example.com:6379/0",
+    )
     shown = effective_configuration(settings)
     assert shown["api_keys"] == "***"
     assert shown["openai_api_key"] == "***"
     assert shown["admin_api_keys"] is None
     assert shown["openai_base_url"] == "models.example.com"
+    assert shown["redis_url"] == "cache.example.com"
+    assert "redis-password-42" not in json.dumps(shown)
     assert {"llm_provider", "openai_model", "worker_class", "web_concurrency", "max_prompt_chars"} <= set(shown)
     assert USER_KEY not in json.dumps(shown) and UPSTREAM_KEY not in json.dumps(shown)

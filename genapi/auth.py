@@ -1,0 +1,34 @@
+"""Who is calling: the X-API-KEY header checked against the key ring, and the admin-only guard."""
+
+import functools
+
+from flask import current_app, g, request
+
+from genapi.errors import ApiError
+from genapi.keys import Client
+
+
+def authenticate() -> Client:
+    """The client behind the X-API-KEY header: 401 without one, 403 for a key that is not accepted."""
+    presented = request.headers.get("X-API-KEY")
+    client = current_app.extensions["genapi"]["keys"].identify(presented) if presented else None
+    if client is None:
+        # Counted against the caller's address by AUTH_FAILURE_LIMIT (genapi.limits), to slow down key guessing.
+        g.authentication_failed = True
+        if not presented:
+            raise ApiError(401, "Send your key in the X-API-KEY header.", code="missing_api_key")
+        raise ApiError(403, "The X-API-KEY is not accepted.", code="invalid_api_key")
+    g.client = client
+    return client
+
+
+def require_admin(view):
+    """Wrap a view so that only an admin key (ADMIN_API_KEYS) reaches it; a user key gets 403 admin_only."""
+
+    @functools.wraps(view)
+    def admin_view(*args, **kwargs):
+        if not authenticate().is_admin:
+            raise ApiError(403, "This endpoint is for admin keys only.", code="admin_only")
+        return view(*args, **kwargs)
+
+    return admin_view

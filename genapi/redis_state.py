@@ -1,0 +1,84 @@
+"""The one Redis connection of a process, shared by the rate limits and the cache, and whether Redis answers."""
+
+import logging
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger("genapi")
+
+# Redis next to the app answers in about a millisecond; one silent for half a second is down as far as a request
+# is concerned, and neither a request nor a readiness probe may hang on it.
+REDIS_TIMEOUT_SECONDS = 0.5
+# Idle pooled connections are pinged before reuse after this long, so a Redis restart costs a reconnect.
+REDIS_HEALTH_CHECK_SECONDS = 30
+# One immediate retry covers a pooled connection that went stale; redis-py's default (3 retries, backing off up
+# to 10 s) would hold every request for seconds while Redis is down.
+REDIS_RETRY = Retry(NoBackoff(), retries=1)
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password replaced, for logs: redis://:***@host:6379/0."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for REDIS_URL; it connects lazily, on the first command."""
+    options = {}
+    if url.startswith("rediss://"):
+        # Heroku Redis serves TLS with a self-signed certificate, and Heroku documents turning verification off
+        # for it; `?ssl_cert_reqs=required` in the URL still wins, for a Redis with a verifiable certificate.
+        options["ssl_cert_reqs"] = None
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=REDIS_TIMEOUT_SECONDS,
+        socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        health_check_interval=REDIS_HEALTH_CHECK_SECONDS,
+        retry=REDIS_RETRY,
+        **options,
+    )
+
+
+class RedisState:
+    """The client, and whether Redis answered last time, so an outage is logged when it starts and when it ends."""
+
+    def __init__(self, url: str, key_prefix: str):
+        self.url = masked_url(url)
+        self.key_prefix = key_prefix
+        self.client = connect(url)
+        self.answering = True
+
+    def __repr__(self) -> str:
+        return f"RedisState({self.url!r})"
+
+    def failed(self, error: redis.RedisError) -> None:
+        if self.answering:
+            log.error(
+                "Redis at %s is not answering (%s: %s): rate limits fall back to per-process counts and the "
+                "cache is skipped until it is back",
+                self.url,
+                type(error).__name__,
+                error,
+            )
+        self.answering = False
+
+    def answered(self) -> None:
+        if not self.answering:
+            log.warning("Redis at %s answers again", self.url)
+        self.answering = True
+
+    def problem(self) -> str | None:
+        """None when Redis answers PING now, otherwise what is wrong."""
+        try:
+            self.client.ping()
+        except redis.RedisError as error:
+            self.failed(error)
+            return f"Redis does not answer ({type(error).__name__})"
+        self.answered()
+        return None

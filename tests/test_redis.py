@@ -1,0 +1,137 @@
+"""Against a real Redis: limits and the cache shared by app instances, readiness, and Redis going away mid-run."""
+
+import logging
+import time
+
+import redis
+
+from app import create_app
+from genapi.redis_state import connect, masked_url
+from tests.conftest import ADMIN_KEY, USER_KEY, make_settings
+
+
+def post(client, key=USER_KEY, **body):
+    return client.post("/generate", json={"prompt": "hi"} | body, headers={"X-API-KEY": key})
+
+
+def test_two_app_instances_share_one_count_through_redis(make_app, redis_settings):
+    first, second = (make_app(rate_limit="4/minute", **redis_settings).test_client() for _ in range(2))
+    statuses = [post(client).status_code for client in (first, second, first, second, first, second)]
+    assert statuses == [200, 200, 200, 200, 429, 429]
+
+
+def test_without_redis_each_instance_counts_for_itself(make_app):
+    first, second = (make_app(rate_limit="1/minute").test_client() for _ in range(2))
+    assert [post(first).status_code, post(second).status_code] == [200, 200]
+
+
+def test_the_failed_authentication_count_is_shared_through_redis(make_app, redis_settings):
+    first, second = (make_app(auth_failure_limit="2/minute", **redis_settings).test_client() for _ in range(2))
+    post(first, key="wrong"), post(second, key="wrong")
+    assert post(first).status_code == 429
+
+
+def test_the_redis_cache_is_shared_by_instances_and_scoped_per_key(make_app, upstream, redis_settings):
+    first, second = (make_app(cache_ttl=60, **redis_settings).test_client() for _ in range(2))
+    assert post(first).headers["X-Cache"] == "MISS"
+    hit = post(second)
+    assert (hit.headers["X-Cache"], hit.get_json()["cached"]) == ("HIT", True)
+    assert post(second, key=ADMIN_KEY).headers["X-Cache"] == "MISS"
+    assert upstream.calls == 2
+
+
+def test_redis_cache_entries_are_json_under_the_prefix_with_the_ttl(make_app, redis_settings, shared_redis_url):
+    post(make_app(cache_ttl=60, **redis_settings).test_client())
+    connection = redis.Redis.from_url(shared_redis_url)
+    keys = list(connection.scan_iter(match=f"{redis_settings['redis_key_prefix']}cache:*"))
+    assert len(keys) == 1
+    assert 0 < connection.ttl(keys[0]) <= 60
+    assert b'"response"' in connection.get(keys[0])
+
+
+def test_redis_cache_entries_expire_after_cache_ttl(make_app, upstream, redis_settings):
+    client = make_app(cache_ttl=1, **redis_settings).test_client()
+    post(client)
+    time.sleep(1.1)  # Redis expires the key on its own clock: the one test that waits for it
+    assert post(client).headers["X-Cache"] == "MISS"
+    assert upstream.calls == 2
+
+
+def test_no_cache_refreshes_the_redis_entry(make_app, upstream, redis_settings):
+    client = make_app(cache_ttl=60, **redis_settings).test_client()
+    post(client)
+    headers = {"X-API-KEY": USER_KEY, "Cache-Control": "no-cache"}
+    fresh = client.post("/generate", json={"prompt": "hi"}, headers=headers)
+    assert fresh.headers["X-Cache"] == "MISS"
+    assert post(client).get_json()["usage"] == fresh.get_json()["usage"]
+    assert upstream.calls == 2
+
+
+def test_readyz_is_200_when_redis_answers(make_app, redis_settings):
+    response = make_app(**redis_settings).test_client().get("/readyz")
+    assert (response.status_code, response.get_json()) == (200, {"status": "ready"})
+
+
+def test_readyz_is_200_without_redis(client):
+    assert client.get("/readyz").get_json() == {"status": "ready"}
+
+
+def test_readyz_makes_no_upstream_call_and_needs_no_key(client, upstream):
+    assert client.get("/readyz").status_code == 200
+    assert upstream.calls == 0
+
+
+def test_redis_going_away_mid_run_causes_no_500_and_readyz_says_why(make_app, upstream, private_redis, caplog):
+    caplog.set_level(logging.INFO)
+    client = make_app(rate_limit="5/minute", cache_ttl=60, redis_url=private_redis.url).test_client()
+    assert [post(client, prompt=f"p{n}").status_code for n in range(2)] == [200, 200]
+    private_redis.stop()
+    statuses = [post(client, prompt=f"q{n}").status_code for n in range(6)]
+    # Fail open to this process's own count: the key gets its full limit again, then 429, never a 500.
+    assert statuses == [200, 200, 200, 200, 200, 429]
+    assert post(client, key="wrong").status_code == 403
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["error"]["code"] == "redis_unavailable"
+    assert "Redis" in ready.get_json()["error"]["message"]
+    assert "Redis at redis://:***@127.0.0.1" in caplog.text
+    assert private_redis.PASSWORD not in caplog.text
+
+
+def test_a_redis_outage_makes_every_cache_lookup_a_miss(make_app, upstream, private_redis):
+    client = make_app(cache_ttl=60, redis_url=private_redis.url).test_client()
+    post(client)
+    private_redis.stop()
+    response = post(client)
+    assert (response.status_code, response.headers["X-Cache"]) == (200, "MISS")
+    assert upstream.calls == 2
+
+
+def test_a_redis_that_is_down_at_start_up_still_serves(upstream, private_redis):
+    private_redis.stop()
+    app = create_app(make_settings(redis_url=private_redis.url, cache_ttl=60), http_client=upstream.http_client())
+    client = app.test_client()
+    assert post(client).status_code == 200
+    assert client.get("/readyz").status_code == 503
+
+
+def test_masked_url_hides_the_password():
+    assert masked_url("rediss://:pw@example.com:6380/0") == "rediss://:***@example.com:6380/0"
+    assert masked_url("redis://user:pw@example.com") == "redis://user:***@example.com"
+    assert masked_url("redis://localhost:6379") == "redis://localhost:6379"
+
+
+def test_rediss_skips_certificate_verification_as_heroku_redis_needs():
+    kwargs = connect("rediss://:pw@example.com:6380").connection_pool.connection_kwargs
+    assert kwargs["ssl_cert_reqs"] is None
+
+
+def test_rediss_verification_can_be_asked_for_in_the_url():
+    kwargs = connect("rediss://:pw@example.com:6380?ssl_cert_reqs=required").connection_pool.connection_kwargs
+    assert kwargs["ssl_cert_reqs"] == "required"
+
+
+def test_redis_url_password_is_in_no_repr(make_app, private_redis):
+    app = make_app(redis_url=private_redis.url, cache_ttl=60)
+    assert private_redis.PASSWORD not in repr(app.extensions["genapi"])
+    assert private_redis.PASSWORD not in repr(app.extensions["genapi"]["settings"])
