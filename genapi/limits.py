@@ -14,6 +14,7 @@ from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from limits.errors import StorageError
 
 from config import Settings
+from genapi import metrics
 from genapi.errors import ApiError, error_response
 from genapi.redis_state import RedisState
 
@@ -137,5 +138,6 @@ def rate_limited(exc: RateLimitExceeded):
     else:
         message = f"Rate limit exceeded for this key ({exc.limit.limit}); retry after Retry-After seconds."
         error = ApiError(429, message, code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
+    metrics.count_rate_limited()
     log.info("429 %s: %s", error.code, client_name() if "client" in g else client_address())
     return error_response(error)

@@ -85,7 +85,7 @@ def build_openapi(request_models: dict[str, type[BaseModel]], allowed_models: li
     """The document, from the request models create_app built (by name) and the response models."""
     schemas = component_schemas(list(request_models.values()))
     if allowed_models:
-        restrict_model_field(schemas, allowed_models)
+        describe_allowed_models(schemas, allowed_models)
     paths: dict = {}
     for route in ROUTES:
         paths.setdefault(route.path, {})[route.method] = operation(route)
@@ -134,12 +134,18 @@ def component_schemas(request_models: list[type[BaseModel]]) -> dict:
     return schema["$defs"]
 
 
-def restrict_model_field(schemas: dict, allowed_models: list[str]) -> None:
-    """With ALLOWED_MODELS set, `model` takes only those, which app.py checks after validation."""
+def describe_allowed_models(schemas: dict, allowed_models: list[str]) -> None:
+    """With ALLOWED_MODELS set, `model` says which models user keys may ask for.
+
+    A description, not an enum: admin keys may use any model, so an enum would call their requests invalid.
+    """
     for schema in schemas.values():
         field = schema.get("properties", {}).get("model")
-        if field and "anyOf" in field:
-            field["anyOf"] = [{"enum": list(allowed_models)}, {"type": "null"}]
+        if field:
+            field["description"] = (
+                f"{field.get('description', '')} User keys may ask only for: {', '.join(allowed_models)} "
+                "(ALLOWED_MODELS; others get 422 model_not_allowed); admin keys may ask for any model."
+            ).strip()
 
 
 def operation(route: Route) -> dict:
