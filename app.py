@@ -13,6 +13,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import click
 import httpx2
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -39,7 +40,8 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 def create_app(settings: Settings | None = None, http_client: httpx2.Client | None = None) -> Flask:
     """Build the app from settings (read from the environment when not given); http_client is for tests."""
-    settings = settings or load_settings()
+    # Under the flask command line (create-key, routes) nothing is served, so no client key is needed yet.
+    settings = settings or load_settings(serving=click.get_current_context(silent=True) is None)
     configure_logging(settings.log_level)
 
     app = Flask(__name__)
@@ -74,6 +76,8 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
     app.add_url_rule("/metrics", view_func=require_admin(metrics_text), methods=["GET"])
     app.cli.add_command(create_key)
+    if not settings.has_client_keys:
+        log.warning("no client keys are set (API_KEYS, ADMIN_API_KEYS): every request needing a key is refused")
     if redis_state:
         log.info("rate limits and the cache are shared through Redis at %s", redis_state.url)
     return app

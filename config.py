@@ -153,13 +153,11 @@ class Settings(BaseSettings):
                 f"request upstream for {worst:g} s, past the {UPSTREAM_BUDGET_SECONDS} s that fits Heroku's "
                 f"{HEROKU_ROUTER_LIMIT_SECONDS} s router limit; lower one of them"
             )
-        no_keys = not (self.api_keys.get_secret_value().strip() or self.admin_api_keys.get_secret_value().strip())
-        if no_keys and self.llm_provider != "mock":
-            raise ValueError(
-                "API_KEYS is empty, and genapi never runs open: set API_KEYS to one or more client keys "
-                "(`flask --app app create-key NAME` makes one)"
-            )
         return self
+
+    @property
+    def has_client_keys(self) -> bool:
+        return bool(self.api_keys.get_secret_value().strip() or self.admin_api_keys.get_secret_value().strip())
 
 
 def settings_error_message(error: ValidationError) -> str:
@@ -171,14 +169,26 @@ def settings_error_message(error: ValidationError) -> str:
     return "genapi cannot start, the configuration is wrong:\n" + "\n".join(lines)
 
 
-def load_settings(**overrides) -> Settings:
-    """Read and check the settings; on a wrong value, print what is wrong and exit."""
+def load_settings(serving: bool = True, **overrides) -> Settings:
+    """Read and check the settings; on a wrong value, print what is wrong and exit.
+
+    A server (`serving`) never runs open: with no client key it refuses to start, or, on the mock provider, makes
+    a one-time key. A command-line tool such as `flask create-key` serves nothing, so it needs no key to run.
+    """
     try:
         settings = Settings(**overrides)
     except ValidationError as error:
         print(settings_error_message(error), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    if settings.llm_provider == "mock" and not settings.api_keys.get_secret_value().strip():
+    if serving and not settings.has_client_keys:
+        if settings.llm_provider != "mock":
+            print(
+                "genapi cannot start, the configuration is wrong:\n  API_KEYS: empty, and genapi never runs open; "
+                "set it to one or more client keys (`flask --app app create-key NAME` makes one)",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(2)
         settings.api_keys = SecretStr(one_time_mock_key())
     return settings
 

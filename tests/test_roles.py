@@ -1,6 +1,10 @@
 """Admin keys: admin-only endpoints, any model for admins, named entries, and `flask create-key`."""
 
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from flask import jsonify
@@ -9,6 +13,7 @@ from config import load_settings
 from genapi.auth import require_admin
 from genapi.keys import KeyRing
 from tests.conftest import ADMIN_KEY, USER_KEY
+from tests.procfile import ROOT
 
 
 @pytest.fixture
@@ -97,3 +102,15 @@ def test_create_key_refuses_a_name_that_would_break_the_entry(app):
     result = app.test_cli_runner().invoke(args=["create-key", "a:b"])
     assert result.exit_code != 0
     assert "NAME" in result.output
+
+
+def test_create_key_runs_from_the_flask_command_before_any_key_is_set(tmp_path):
+    """The first key is made with a real model configured and no API_KEYS yet, which a server would refuse."""
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OPENAI_API_KEY": "sk-not-used"}
+    flask = Path(sys.executable).parent / "flask"
+    result = subprocess.run(
+        [str(flask), "--app", "app", "create-key", "first"],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "entry: first:sha256:" in result.stdout
