@@ -28,6 +28,9 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     """Build the app from settings (read from the environment when not given); http_client is for tests."""
     settings = settings or load_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx2 logs every upstream call at INFO: a second log line per request, which costs CPU and tells nothing that
+    # the request's own log line does not. Its warnings still show, and everything at LOG_LEVEL=DEBUG.
+    logging.getLogger("httpx2").setLevel("DEBUG" if settings.log_level == "DEBUG" else "WARNING")
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length

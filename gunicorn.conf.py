@@ -16,7 +16,7 @@ workers = settings.web_concurrency
 # the code on the request path stays plain and synchronous (README, "Worker model"). WORKER_CLASS switches.
 worker_class = settings.worker_class
 worker_connections = settings.worker_connections  # in-flight requests per gevent worker
-threads = 32 if settings.worker_class == "gthread" else 1  # in-flight requests per gthread worker
+threads = settings.threads if settings.worker_class == "gthread" else 1  # in-flight requests per gthread worker
 
 # A worker silent this long is killed; it matches Heroku's 30 s router limit, past which nobody is listening.
 timeout = 30
