@@ -74,6 +74,9 @@ class FakeOpenAI:
         self.calls = 0
         self.requests: list[dict] = []  # headers and body of each chat call, newest last
         self.record = True
+        self.in_flight = 0  # chat calls received and not yet answered
+        self.max_in_flight = 0  # the most that were in flight at once
+        self._in_flight_changed = threading.Condition()
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -88,7 +91,19 @@ class FakeOpenAI:
         self.script.clear()
         self.requests.clear()
         self.calls = 0
+        self.max_in_flight = self.in_flight
         self.delay = 0.0
+
+    def wait_for_in_flight(self, count: int, timeout: float = 30) -> bool:
+        """Block until at least `count` chat calls are in flight at once; False if that does not happen in time."""
+        with self._in_flight_changed:
+            return self._in_flight_changed.wait_for(lambda: self.in_flight >= count, timeout)
+
+    def _count_in_flight(self, change: int) -> None:
+        with self._in_flight_changed:
+            self.in_flight += change
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._in_flight_changed.notify_all()
 
     @property
     def base_url(self) -> str:
@@ -123,31 +138,35 @@ class FakeOpenAI:
             writer.close()
 
     async def _chat(self, headers: dict, body: bytes) -> bytes | None:
-        self.calls += 1
-        request_id = next(self._ids)
-        behaviour = self.script.pop(0) if self.script else OK
+        self._count_in_flight(+1)
         try:
-            request_body = json.loads(body)
-        except ValueError:
-            request_body = {}
-        if self.record:
-            self.requests.append({"headers": headers, "body": request_body})
-        if behaviour == HANG:
-            await asyncio.sleep(3600)
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if behaviour == DROP:
-            return None
-        if behaviour == NOT_JSON:
-            return http_response(200, b"<html>oops</html>", content_type="application/json")
-        ids = {"x-request-id": f"req_fake_{request_id}"}
-        if behaviour == EMPTY_CHOICES:
-            payload = completion_body(request_body, request_id) | {"choices": []}
-            return http_response(200, json.dumps(payload).encode(), ids)
-        if isinstance(behaviour, Status):
-            error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
-            return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
-        return http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
+            self.calls += 1
+            request_id = next(self._ids)
+            behaviour = self.script.pop(0) if self.script else OK
+            try:
+                request_body = json.loads(body)
+            except ValueError:
+                request_body = {}
+            if self.record:
+                self.requests.append({"headers": headers, "body": request_body})
+            if behaviour == HANG:
+                await asyncio.sleep(3600)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if behaviour == DROP:
+                return None
+            if behaviour == NOT_JSON:
+                return http_response(200, b"<html>oops</html>", content_type="application/json")
+            ids = {"x-request-id": f"req_fake_{request_id}"}
+            if behaviour == EMPTY_CHOICES:
+                payload = completion_body(request_body, request_id) | {"choices": []}
+                return http_response(200, json.dumps(payload).encode(), ids)
+            if isinstance(behaviour, Status):
+                error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
+                return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
+            return http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
+        finally:
+            self._count_in_flight(-1)
 
     async def _serve(self, port: int, started: threading.Event | None) -> None:
         server = await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=4096)

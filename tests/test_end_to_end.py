@@ -84,19 +84,8 @@ def test_one_retry_calls_a_failing_upstream_exactly_twice_over_sockets(e2e_clien
 
 
 @pytest.fixture
-def procfile_service(fake_openai, tmp_path):
-    service = ProcfileService(
-        {
-            "API_KEYS": f"alice:{USER_KEY}",
-            "OPENAI_API_KEY": UPSTREAM_KEY,
-            "OPENAI_BASE_URL": fake_openai.base_url,
-            "OPENAI_MODEL": "fake-model",
-        },
-        tmp_path / "web.log",
-    )
-    service.wait_until_healthy()
-    yield service
-    service.terminate()
+def procfile_service(fake_openai, start_procfile_service):
+    return start_procfile_service(fake_openai.base_url)
 
 
 def http(method, url, body=None, headers=None):
