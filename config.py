@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     worker_class: Literal["gevent", "gthread", "sync"] = "gevent"
     worker_connections: int = Field(default=1000, ge=1)
     threads: int = Field(default=32, ge=1)
+    access_log: bool = False
 
     @property
     def in_flight_per_worker(self) -> int:

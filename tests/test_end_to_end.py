@@ -119,7 +119,8 @@ def test_procfile_service_answers_errors_as_json(procfile_service):
     assert "error" in body
 
 
-def test_procfile_service_logs_hold_no_key(procfile_service, fake_openai):
+def test_procfile_service_logs_hold_no_key(fake_openai, start_procfile_service):
+    procfile_service = start_procfile_service(fake_openai.base_url, ACCESS_LOG="true")
     headers = {"Content-Type": "application/json", "X-API-KEY": USER_KEY}
     http("POST", f"{procfile_service.url}/generate", {"prompt": "hi"}, headers)
     fake_openai.then(Status(401, f"bad key {UPSTREAM_KEY}"))
