@@ -183,7 +183,13 @@ def verdict(ok: bool) -> str:
 def run(plan: Plan, workdir: Path) -> list[Row]:
     upstream_port = free_port()
     upstream = FakeUpstream(upstream_port, plan.upstream_delay, workdir / "upstream.log")
-    env = {"API_KEYS": f"bench:{API_KEY}", "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1"}
+    env = {
+        "API_KEYS": f"bench:{API_KEY}",
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        # One key sends every request here: the rate limiter still runs on each, but must not refuse them.
+        "RATE_LIMIT": "1000000/second",
+    }
     launched = time.monotonic()
     service = ProcfileService(env, workdir / "service.log")
     rows: list[Row] = []
