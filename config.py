@@ -89,6 +89,13 @@ class Settings(BaseSettings):
     web_concurrency: int = Field(default=2, ge=1)
     worker_class: Literal["gevent", "gthread", "sync"] = "gevent"
     worker_connections: int = Field(default=1000, ge=1)
+    threads: int = Field(default=32, ge=1)
+    access_log: bool = False
+
+    @property
+    def in_flight_per_worker(self) -> int:
+        """How many requests one worker serves at once, so how many upstream connections it may hold open."""
+        return {"gevent": self.worker_connections, "gthread": self.threads, "sync": 1}[self.worker_class]
 
     @field_validator("api_keys", "admin_api_keys")
     @classmethod

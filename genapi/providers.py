@@ -105,12 +105,13 @@ class OpenAIProvider:
     def __init__(self, settings: Settings, http_client: httpx2.Client | None = None):
         api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "no-key-needed"
         self._api_key = api_key
+        timeout = httpx2.Timeout(settings.openai_timeout, connect=min(5.0, settings.openai_timeout))
         self.client = BoundedRetryOpenAI(
             api_key=api_key,
             base_url=settings.openai_base_url,
-            timeout=httpx2.Timeout(settings.openai_timeout, connect=min(5.0, settings.openai_timeout)),
+            timeout=timeout,
             max_retries=settings.openai_max_retries,
-            http_client=http_client,
+            http_client=http_client or upstream_http_client(settings.in_flight_per_worker, timeout),
         )
 
     def __repr__(self) -> str:
@@ -123,13 +124,16 @@ class OpenAIProvider:
         messages = [{"role": "user", "content": generation.prompt}]
         if generation.system:
             messages.insert(0, {"role": "system", "content": generation.system})
-        extra = {} if generation.temperature is None else {"temperature": generation.temperature}
+        body = {"model": generation.model, "messages": messages, "max_tokens": generation.max_tokens}
+        if generation.temperature is not None:
+            body["temperature"] = generation.temperature
         started = time.perf_counter()
         try:
-            raw = self.client.chat.completions.with_raw_response.create(
-                model=generation.model, messages=messages, max_tokens=generation.max_tokens, **extra
-            )
-            completion = raw.parse()
+            # The SDK's client (auth, retries, timeouts, error classes) with the body as plain JSON and the answer as
+            # the raw response: skipping the typed-params transform and the response model saves ~0.4 ms of CPU per
+            # call (README, "Where the CPU goes"); _to_completion checks the answer's shape instead.
+            response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+            completion = response.json()
         except openai.APITimeoutError:
             raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
         except openai.APIConnectionError:
@@ -158,31 +162,50 @@ class OpenAIProvider:
             raise ApiError(
                 502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error"
             ) from None
-        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, TypeError):
+        except (json.JSONDecodeError, ValueError, TypeError):
             raise ApiError(502, "The model server's answer was not valid JSON.", code="upstream_bad_response") from None
         upstream_ms = (time.perf_counter() - started) * 1000
-        return self._to_completion(completion, raw.headers.get("x-request-id"), upstream_ms)
+        return self._to_completion(completion, response.headers.get("x-request-id"), upstream_ms)
 
     @staticmethod
     def _to_completion(completion, upstream_request_id, upstream_ms) -> Completion:
         """Check that the answer is a usable chat completion; anything else is the upstream's failure (502)."""
-        choices = getattr(completion, "choices", None)
-        if not isinstance(completion, openai.types.chat.ChatCompletion) or not choices:
+        choices = completion.get("choices") if isinstance(completion, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise ApiError(502, "The model server's answer held no choices.", code="upstream_bad_response")
         choice = choices[0]
-        text = getattr(getattr(choice, "message", None), "content", None)
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else None
         if not isinstance(text, str):
             raise ApiError(502, "The model server's answer held no text.", code="upstream_bad_response")
-        usage = completion.usage
+        usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else {}
+        finish_reason = choice.get("finish_reason")
+        model = completion.get("model")
         return Completion(
             text=text,
-            model=completion.model or "unknown",
-            finish_reason=choice.finish_reason,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            model=model if isinstance(model, str) and model else "unknown",
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+            prompt_tokens=token_count(usage.get("prompt_tokens")),
+            completion_tokens=token_count(usage.get("completion_tokens")),
             upstream_request_id=upstream_request_id,
             upstream_ms=upstream_ms,
         )
+
+
+def token_count(value) -> int:
+    """A usage count from the upstream's JSON; anything but a non-negative integer counts as 0."""
+    return value if type(value) is int and value >= 0 else 0
+
+
+def upstream_http_client(in_flight: int, timeout: httpx2.Timeout) -> httpx2.Client:
+    """The SDK's default httpx2 client, with a pool that keeps one connection alive per in-flight request.
+
+    The SDK's default keeps only 100 idle connections; a gevent worker with 250 calls in flight would then close
+    and reopen 150 upstream connections every round.
+    """
+    return openai.DefaultHttpxClient(
+        timeout=timeout, limits=httpx2.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    )
 
 
 def build_provider(settings: Settings, http_client: httpx2.Client | None = None):

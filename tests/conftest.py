@@ -21,7 +21,7 @@ os.environ["API_KEYS"] = "import-time-key-not-used-by-tests"
 from app import create_app  # noqa: E402
 from config import Settings  # noqa: E402
 from tests.fake_openai import FakeOpenAI, completion_body  # noqa: E402
-from tests.procfile import free_port  # noqa: E402
+from tests.procfile import ProcfileService, free_port  # noqa: E402
 
 del os.environ["API_KEYS"]
 
@@ -198,3 +198,35 @@ def private_redis():
     server = PrivateRedis()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def start_fake_openai():
+    """Start a fresh fake OpenAI server that answers after `delay` seconds, with in-flight counters of its own."""
+
+    def start(delay: float = 0.0) -> FakeOpenAI:
+        return FakeOpenAI(delay=delay).start_in_thread()
+
+    return start
+
+
+@pytest.fixture
+def start_procfile_service(tmp_path):
+    """Start the Procfile's web line against an upstream base URL, healthy; each is stopped after the test."""
+    services = []
+
+    def start(base_url: str, **env) -> ProcfileService:
+        environment = {
+            "API_KEYS": f"alice:{USER_KEY}",
+            "OPENAI_API_KEY": UPSTREAM_KEY,
+            "OPENAI_BASE_URL": base_url,
+            "OPENAI_MODEL": "fake-model",
+        }
+        service = ProcfileService(environment | env, tmp_path / f"web-{len(services)}.log")
+        services.append(service)
+        service.wait_until_healthy()
+        return service
+
+    yield start
+    for service in services:
+        service.terminate()

@@ -81,6 +81,7 @@ class FakeOpenAI:
         self.record = True
         self.in_flight = 0  # chat calls waiting out the delay right now
         self.max_in_flight = 0  # the most at once since the last reset
+        self._in_flight_changed = threading.Condition()
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -97,6 +98,17 @@ class FakeOpenAI:
         self.calls = 0
         self.delay = 0.0
         self.max_in_flight = 0
+
+    def wait_for_in_flight(self, count: int, timeout: float = 30) -> bool:
+        """Block until at least `count` chat calls are in flight at once; False if that does not happen in time."""
+        with self._in_flight_changed:
+            return self._in_flight_changed.wait_for(lambda: self.in_flight >= count, timeout)
+
+    def _count_in_flight(self, change: int) -> None:
+        with self._in_flight_changed:
+            self.in_flight += change
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._in_flight_changed.notify_all()
 
     @property
     def base_url(self) -> str:
@@ -162,12 +174,12 @@ class FakeOpenAI:
 
     async def _wait(self, seconds: float) -> None:
         """Wait out the delay, counting the calls that wait at once (a HANG never gets here, so never counts)."""
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._count_in_flight(+1)
         try:
             await asyncio.sleep(seconds)
         finally:
-            self.in_flight -= 1
+            self._count_in_flight(-1)
+
 
     async def _serve(self, port: int, started: threading.Event | None) -> None:
         server = await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=4096)

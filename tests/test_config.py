@@ -94,3 +94,14 @@ def test_start_up_error_never_shows_a_secret(clean_env, monkeypatch, capsys):
     error = start_up_error(capsys)
     assert "API_KEYS" in error
     assert "not-hex-but-secret" not in error
+
+
+@pytest.mark.parametrize(
+    "server, in_flight",
+    [({"worker_class": "gevent", "worker_connections": 250}, 250), ({"worker_class": "gthread", "threads": 8}, 8),
+     ({"worker_class": "sync"}, 1)],
+    ids=["gevent", "gthread", "sync"],
+)
+def test_in_flight_requests_per_worker_follow_the_worker_class(clean_env, server, in_flight):
+    settings = Settings(_env_file=None, api_keys="k", llm_provider="mock", **server)
+    assert settings.in_flight_per_worker == in_flight

@@ -84,19 +84,8 @@ def test_one_retry_calls_a_failing_upstream_exactly_twice_over_sockets(e2e_clien
 
 
 @pytest.fixture
-def procfile_service(fake_openai, tmp_path):
-    service = ProcfileService(
-        {
-            "API_KEYS": f"alice:{USER_KEY}",
-            "OPENAI_API_KEY": UPSTREAM_KEY,
-            "OPENAI_BASE_URL": fake_openai.base_url,
-            "OPENAI_MODEL": "fake-model",
-        },
-        tmp_path / "web.log",
-    )
-    service.wait_until_healthy()
-    yield service
-    service.terminate()
+def procfile_service(fake_openai, start_procfile_service):
+    return start_procfile_service(fake_openai.base_url)
 
 
 def http(method, url, body=None, headers=None):
@@ -130,7 +119,8 @@ def test_procfile_service_answers_errors_as_json(procfile_service):
     assert "error" in body
 
 
-def test_procfile_service_logs_hold_no_key(procfile_service, fake_openai):
+def test_procfile_service_logs_hold_no_key(fake_openai, start_procfile_service):
+    procfile_service = start_procfile_service(fake_openai.base_url, ACCESS_LOG="true")
     headers = {"Content-Type": "application/json", "X-API-KEY": USER_KEY}
     http("POST", f"{procfile_service.url}/generate", {"prompt": "hi"}, headers)
     fake_openai.then(Status(401, f"bad key {UPSTREAM_KEY}"))

@@ -1,0 +1,296 @@
+"""genapi's benchmark: the Procfile's service against the fake upstream, loaded by wrk, in one run.
+
+    .venv/bin/python bench/run.py            # the full run, about 2 minutes; prints the table for the README
+    .venv/bin/python bench/run.py --quick    # every scenario for ~2 s with fewer clients; CI's smoke, asserts no speed
+
+It starts tests/fake_openai.py as its own process, then the service exactly as the Procfile does (same command, PORT
+set, default configuration), drives POST /generate with wrk, and reads the CPU time and memory of the service's
+processes (the gunicorn master and its workers) from /proc before and after each scenario. The instant-upstream
+scenarios run the same wrk against the fake upstream directly, in the same run, so their ratios hold on a noisy
+machine. The README's "Benchmark" section explains the numbers.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.procfile import ProcfileService, free_port  # noqa: E402
+
+API_KEY = "bench-key-0123456789"
+PROMPT = "Tell me a joke about benchmarks."
+SERVICE_BODY = json.dumps({"prompt": PROMPT, "max_tokens": 50})
+DIRECT_BODY = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 50})
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Plan:
+    """How long and how wide each scenario runs."""
+
+    slow_clients: tuple[int, ...] = (200, 500)
+    busy_clients: int = 32
+    seconds: int = 20
+    instant_seconds: int = 10
+    warmup_seconds: int = 2
+    upstream_delay: float = 1.0
+
+
+FULL = Plan()
+QUICK = Plan(slow_clients=(20, 50), busy_clients=8, seconds=2, instant_seconds=2, warmup_seconds=1, upstream_delay=0.2)
+
+
+@dataclass
+class Row:
+    scenario: str
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int | None = None
+    cpu_ms_per_request: float | None = None
+    rss_mb: float | None = None
+    versus: str = ""
+    target: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# -- processes -----------------------------------------------------------------------------------------------------
+def tree_pids(root: int) -> list[int]:
+    """The process and all its descendants, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(parents.get(pid, []))
+    return pids
+
+
+def cpu_seconds(root: int) -> float:
+    """User plus system time of a process tree, in seconds."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / CLOCK_TICKS
+
+
+def memory_mb(root: int) -> tuple[float, float]:
+    """(RSS summed, PSS summed) of a process tree in MB; PSS splits the pages the workers share with the master."""
+    rss = pss = 0
+    for pid in tree_pids(root):
+        try:
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            pss += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1)) * 1024
+        except (OSError, AttributeError):
+            continue
+    return rss / 2**20, pss / 2**20
+
+
+def wait_for_port(port: int, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+class FakeUpstream:
+    """tests/fake_openai.py in its own process, on a fixed port, so the service can outlive a restart of it."""
+
+    def __init__(self, port: int, delay: float, log_path: Path):
+        self.port, self.delay = port, delay
+        self._log = open(log_path, "ab")
+        command = [sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--port", str(port), "--delay", str(delay)]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for_port(port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self._log.close()
+
+
+# -- load ----------------------------------------------------------------------------------------------------------
+def wrk(port: int, path: str, body: str, clients: int, seconds: float, stagger: float, api_key: str = "") -> dict:
+    """One wrk run, each connection's first request after a random 0..stagger s; its numbers (bench/post.lua)."""
+    threads = min(clients, os.cpu_count() or 2)
+    command = [
+        "wrk", f"-t{threads}", f"-c{clients}", f"-d{round(seconds)}s", "--timeout", "10s",
+        "-s", str(ROOT / "bench" / "post.lua"), f"http://127.0.0.1:{port}",
+        "--", path, body, str(round(stagger * 1000)), str(-(-clients // threads)),
+    ] + ([api_key] if api_key else [])  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    line = next((ln for ln in finished.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if finished.returncode != 0 or line is None:
+        raise SystemExit(f"wrk failed ({finished.returncode}):\n{finished.stdout}\n{finished.stderr}")
+    numbers = json.loads(line.removeprefix("BENCH "))
+    numbers["rps"] = numbers["requests"] / numbers["seconds"]
+    # A closed loop of N clients sustains N / (mean latency) requests a second (Little's law). wrk's own rate also
+    # counts the first round trip, when nothing can come back: with a 1 s upstream it cannot pass 19/20 of ideal.
+    numbers["sustained_rps"] = clients / (numbers["mean_ms"] / 1000) if numbers["mean_ms"] else 0.0
+    numbers["errors"] = numbers["non_2xx"] + numbers["socket_errors"]
+    return numbers
+
+
+def load_service(service: ProcfileService, clients: int, seconds: float, stagger: float = 0.0) -> dict:
+    """wrk against POST /generate, with the service's CPU time per answered request."""
+    pid = service.process.pid
+    cpu_before = cpu_seconds(pid)
+    numbers = wrk(service.port, "/generate", SERVICE_BODY, clients, seconds, stagger, API_KEY)
+    numbers["cpu_ms_per_request"] = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, numbers["requests"])
+    numbers["rss_mb"], numbers["pss_mb"] = memory_mb(pid)
+    return numbers
+
+
+def load_direct(upstream: FakeUpstream, clients: int, seconds: float) -> dict:
+    return wrk(upstream.port, "/v1/chat/completions", DIRECT_BODY, clients, seconds, stagger=0.0)
+
+
+# -- scenarios -----------------------------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+def run(plan: Plan, workdir: Path) -> list[Row]:
+    upstream_port = free_port()
+    upstream = FakeUpstream(upstream_port, plan.upstream_delay, workdir / "upstream.log")
+    env = {
+        "API_KEYS": f"bench:{API_KEY}",
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        # One key sends every request here: the rate limiter still runs on each, but must not refuse them.
+        "RATE_LIMIT": "1000000/second",
+    }
+    launched = time.monotonic()
+    service = ProcfileService(env, workdir / "service.log")
+    rows: list[Row] = []
+    try:
+        service.wait_until_healthy()
+        startup = time.monotonic() - launched
+        rows.append(Row("start-up: launch to first 200 on /healthz", versus=f"{startup:.2f} s", target=verdict(startup < 3)))
+
+        # Warm up the workers and open the upstream connections, then measure; the clients are spread over one
+        # upstream period (bench/post.lua says why).
+        load_service(service, plan.slow_clients[0], plan.warmup_seconds)
+        for clients, (share, p99_limit) in zip(plan.slow_clients, ((0.97, 1200), (0.95, None))):
+            upstream_cpu = cpu_seconds(upstream.process.pid)
+            numbers = load_service(service, clients, plan.seconds, stagger=plan.upstream_delay)
+            ideal = clients / plan.upstream_delay
+            ok = numbers["sustained_rps"] >= share * ideal and numbers["errors"] == 0
+            ok = ok and (p99_limit is None or numbers["p99_ms"] <= p99_limit)
+            numbers["upstream_cpu_share"] = (cpu_seconds(upstream.process.pid) - upstream_cpu) / plan.seconds
+            rows.append(row(f"{clients} clients, upstream {plan.upstream_delay:g} s, {plan.seconds:g} s", numbers,
+                            f"{numbers['sustained_rps'] / ideal:.1%} of ideal {ideal:g}/s (sustained {numbers['sustained_rps']:.1f}/s;"
+                            f" wrk's rate {numbers['rps'] / ideal:.1%})", verdict(ok)))  # fmt: skip
+
+        upstream.stop()  # the same port, now answering at once; the service keeps running
+        upstream = FakeUpstream(upstream_port, 0.0, workdir / "upstream.log")
+        load_service(service, plan.busy_clients, plan.warmup_seconds)
+        for clients in (plan.busy_clients, 1):
+            direct = load_direct(upstream, clients, plan.instant_seconds)
+            numbers = load_service(service, clients, plan.instant_seconds)
+            name = f"{clients} client{'s' if clients > 1 else ''}, upstream instant, {plan.instant_seconds:g} s"
+            rows.append(row(f"{name}: direct to upstream", direct))
+            if clients == 1:
+                added = numbers["p50_ms"] - direct["p50_ms"]
+                versus, ok = f"+{added:.2f} ms p50 over direct", added <= 1.5
+            else:
+                versus, ok = f"{numbers['rps'] / direct['rps']:.1%} of direct", numbers["cpu_ms_per_request"] <= 1.5
+            rows.append(row(f"{name}: through genapi", numbers, versus, verdict(ok and numbers["errors"] == 0)))
+
+        # RSS counts the pages a worker shares with the master once per process; PSS splits them, so the PSS sum is
+        # what the service's processes hold in memory together.
+        rss, pss = memory_mb(service.process.pid)
+        rows.append(Row("memory after the runs (all processes)", rss_mb=rss, versus=f"PSS sum {pss:.0f} MB (RSS sum {rss:.0f})",
+                        target=verdict(pss < 150)))  # fmt: skip
+    finally:
+        service.terminate()
+        upstream.stop()
+    return rows
+
+
+def row(scenario: str, numbers: dict, versus: str = "", target: str = "") -> Row:
+    return Row(
+        scenario, numbers["rps"], numbers["p50_ms"], numbers["p99_ms"], numbers["errors"],
+        numbers.get("cpu_ms_per_request"), numbers.get("rss_mb"), versus, target, numbers,
+    )  # fmt: skip
+
+
+def table(rows: list[Row]) -> str:
+    def show(value, digits=1):
+        return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "| scenario | req/s | p50 ms | p99 ms | errors | CPU ms/req | RSS MB | vs ideal or direct | target |",
+        "|---|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for r in rows:
+        cells = [r.scenario, show(r.rps), show(r.p50_ms), show(r.p99_ms), show(r.errors), show(r.cpu_ms_per_request, 2),
+                 show(r.rss_mb, 0), r.versus, r.target]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+        "unknown CPU",
+    )
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {model}; load average before the run {load}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="every scenario for ~2 s with fewer clients (CI's smoke)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk (Debian/Ubuntu)")
+    # 500 clients need 500 sockets in wrk and ~1000 in the service; the limit is inherited by every process started here.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    workdir = ROOT / "bench" / "results"
+    workdir.mkdir(exist_ok=True)
+    header = f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {machine()}"
+    rows = run(QUICK if args.quick else FULL, workdir)
+    if args.quick:  # a smoke: the targets are for the full run's sizes and lengths
+        for r in rows:
+            r.target = ""
+    print(f"\ngenapi benchmark{' (--quick: a smoke, not a measurement)' if args.quick else ''}: {header}\n")
+    print(table(rows))
+    result = {"when": header, "quick": args.quick, "rows": [r.__dict__ for r in rows]}
+    (workdir / ("quick.json" if args.quick else "latest.json")).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
