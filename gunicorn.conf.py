@@ -62,6 +62,14 @@ def when_ready(server):
     log_start_up(settings)
 
 
+def post_worker_init(worker):
+    """In a gevent worker, after gevent's monkey-patching: keep httpcore2's idle-connection checks cheap."""
+    if settings.worker_class == "gevent":
+        from genapi.providers import probe_idle_connections_without_gevent
+
+        probe_idle_connections_without_gevent()
+
+
 def child_exit(server, worker):
     """A dead worker's counters stay in the sums; prometheus_client drops only its live gauges."""
     from prometheus_client import multiprocess
