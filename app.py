@@ -180,7 +180,7 @@ def generate():
     body = read_json_body(state("GenerateRequest"))
     generation = generation_from(body, body.prompt, client)
     charge(1)
-    result = answer(client, generation, g.request_id, wants_fresh_answer())
+    result = answer(client, generation, g.request_id, fresh=bool(state("cache")) and wants_fresh_answer())
     response = jsonify(result)
     if state("cache"):
         response.headers["X-Cache"] = "HIT" if result["cached"] else "MISS"
@@ -193,7 +193,8 @@ def generate_batch():
     body = read_json_body(state("BatchRequest"))
     generations = [generation_from(body, prompt, client) for prompt in body.prompts]
     charge(len(generations))  # each prompt is one request against the key's limit: all of the batch, or 429
-    app, request_id, fresh = current_app._get_current_object(), g.request_id, wants_fresh_answer()
+    app, request_id = current_app._get_current_object(), g.request_id
+    fresh = bool(state("cache")) and wants_fresh_answer()
 
     def answer_or_error(position: int, generation: Generation) -> dict:
         # Each prompt runs in a worker thread (a greenlet under gevent), outside the request, in its own app context.

@@ -1,6 +1,7 @@
 """gunicorn's settings for genapi, Heroku-style; each says why it has its value."""
 
 import contextlib
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,16 @@ from genapi.logs import configure_logging, log_start_up
 # Check the configuration once, in the master: a wrong value stops start-up with one clear message instead of
 # every worker crashing in a loop. (It also makes the mock provider's one-time key before the workers fork.)
 settings = load_settings()
+
+# The app is loaded once, in the master, and the workers fork from it: the modules (the OpenAI SDK alone is ~25 MB)
+# are then shared by every worker instead of loaded into each, which keeps the service under 150 MB in all. A gevent
+# worker needs its monkey-patching before the app's modules take their sockets and locks, so with preloading it is
+# done here, in the master, first (the worker repeats it, harmlessly).
+preload_app = True
+if settings.worker_class == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
 
 # prometheus_client's multiprocess mode: each worker writes its metrics to files in this directory and /metrics
 # adds them all up. The variable must be set here, in the master, before any worker imports prometheus_client.
@@ -60,6 +71,15 @@ def when_ready(server):
     """Log the effective configuration once per start, from the master, as JSON like every other line."""
     configure_logging(settings.log_level)
     log_start_up(settings)
+    # What the master loaded stays as it is: the collector never walks it again, so it never writes to the pages
+    # the workers share with the master (each write would copy a page into that worker).
+    gc.freeze()
+    if settings.worker_class == "gevent":
+        import gevent
+
+        # Building the app started limits' first 10 ms expiry timers (greenlets, once patched): let them finish
+        # here, or every forked worker would inherit them half-run and log a KeyError from threading.
+        gevent.sleep(0.05)
 
 
 def post_worker_init(worker):
