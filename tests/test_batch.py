@@ -2,6 +2,7 @@
 
 import time
 
+from genapi.schemas import BatchResponse, GenerateResponse
 from tests.conftest import USER_KEY, make_settings
 from tests.test_upstream import upstream_error
 
@@ -25,6 +26,17 @@ def test_each_batch_result_is_a_generate_success_body_with_its_own_id(client):
     results = response.get_json()["results"]
     assert [r["id"] for r in results] == ["batch-7-0", "batch-7-1", "batch-7-2"]
     assert set(results[0]) == {"response", "model", "finish_reason", "usage", "id", "cached"}
+
+
+def test_batch_body_is_exactly_the_batch_response_model(make_app, upstream):
+    def fail_on_two(request):
+        return upstream_error(500) if b"two" in request.content else upstream.ok(request)
+
+    upstream.then(*[fail_on_two] * 3)
+    body = post_batch(make_app().test_client()).get_json()
+    BatchResponse.model_validate(body)
+    shapes = [list(result) for result in body["results"]]
+    assert shapes == [list(GenerateResponse.model_fields), ["error"], list(GenerateResponse.model_fields)]
 
 
 def test_options_apply_to_every_prompt(client, upstream):

@@ -2,6 +2,7 @@
 
 import json
 
+from genapi.schemas import GenerateResponse
 from tests.conftest import USER_KEY
 
 
@@ -188,3 +189,9 @@ def test_healthz_needs_no_key_and_calls_no_upstream(client, upstream):
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok"}
     assert upstream.calls == 0
+
+
+def test_success_body_is_exactly_the_generate_response_model(generate):
+    body = generate().get_json()
+    assert list(body) == list(GenerateResponse.model_fields)
+    assert GenerateResponse.model_validate(body).model_dump() == body
