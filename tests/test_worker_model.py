@@ -62,3 +62,22 @@ def test_sigterm_finishes_every_in_flight_request_and_accepts_no_new_connection(
     assert refused, "a new connection was still served while the in-flight requests finished"
     assert statuses == [200] * 50
     assert service.process.wait(30) == 0
+
+
+def test_idle_connection_checks_use_the_c_poll_under_gevent_and_still_see_a_closed_socket(monkeypatch):
+    import select
+
+    import httpcore2._utils
+    from gevent import monkey
+
+    from genapi.providers import probe_idle_connections_without_gevent
+
+    monkeypatch.setattr(httpcore2._utils, "select", select)  # restored after the test
+    monkeypatch.setattr(monkey, "is_module_patched", lambda name: name == "select")
+    probe_idle_connections_without_gevent()
+    assert httpcore2._utils.select.poll is monkey.get_original("select", "poll")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert not httpcore2._utils.is_socket_readable(ours)  # idle and open: reusable
+        theirs.close()  # the server hung up
+        assert httpcore2._utils.is_socket_readable(ours)
