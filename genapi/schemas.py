@@ -1,5 +1,6 @@
 """The request and response bodies, as pydantic models: they validate requests and shape every answer."""
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
@@ -69,8 +70,14 @@ def _whole_float_to_int(value):
 WholeNumber = Annotated[int, BeforeValidator(_whole_float_to_int)]
 
 
+# Some character that is not white space, spelt out (Python's str.isspace set) rather than as \S, which means
+# different things in Python and in the JSON Schema regex dialect: the document and the check must agree.
+NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_not_blank = re.compile(NOT_BLANK)
+
+
 def not_blank(value: str) -> str:
-    if not value.strip():
+    if not _not_blank.search(value):
         raise ValueError("must not be blank")
     return value
 
@@ -83,7 +90,7 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
         str,
         StringConstraints(min_length=1, max_length=max_prompt_chars),
         AfterValidator(not_blank),
-        Field(json_schema_extra={"pattern": r"\S"}),
+        Field(json_schema_extra={"pattern": NOT_BLANK}),
     ]
 
     class GenerationOptions(BaseModel):

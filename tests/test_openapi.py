@@ -1,5 +1,7 @@
 """GET /openapi.json: a valid OpenAPI 3.1 document, made from the same models and settings that validate requests."""
 
+import re
+
 from openapi_spec_validator import validate
 
 from genapi.errors import ERROR_TYPES
@@ -85,3 +87,12 @@ def test_allowed_models_are_named_in_the_model_fields_description(make_app):
 def test_whole_number_max_tokens_is_an_integer_as_json_schema_says(generate):
     assert generate(max_tokens=50.0).status_code == 200
     assert generate(max_tokens=50.5).status_code == 422
+
+
+def test_the_documents_not_blank_pattern_and_the_check_agree_on_every_white_space(make_app, upstream):
+    client = make_app().test_client()
+    pattern = document(client)["components"]["schemas"]["GenerateRequest"]["properties"]["prompt"]["pattern"]
+    white_space = [chr(code) for code in range(0x110000) if chr(code).isspace()]
+    for character in white_space + ["\ufeff"]:
+        accepted = client.post("/generate", json={"prompt": character}, headers={"X-API-KEY": USER_KEY})
+        assert (accepted.status_code == 200) == bool(re.search(pattern, character)), repr(character)
