@@ -136,3 +136,13 @@ def test_procfile_refuses_to_start_with_a_wrong_setting(tmp_path):
     service = ProcfileService({"API_KEYS": "k", "OPENAI_TIMEOUT": "soon"}, tmp_path / "web.log", port=free_port())
     assert service.process.wait(20) != 0
     assert "OPENAI_TIMEOUT" in service.output()
+
+
+def test_procfile_service_output_has_no_logging_error_or_traceback(procfile_service):
+    headers = {"Content-Type": "application/json", "X-API-KEY": USER_KEY}
+    http("POST", f"{procfile_service.url}/generate", {"prompt": "hi"}, headers)
+    procfile_service.terminate()
+    output = procfile_service.output()
+    assert "Booting worker" in output and "Shutting down" in output
+    assert "Traceback" not in output
+    assert "Logging error" not in output
