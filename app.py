@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
+    # Flask's automatic OPTIONS answers are empty HTML pages; an OPTIONS request gets the JSON 405 with Allow instead.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.json.sort_keys = False  # keep "response" first, as the contract lists it
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)
@@ -203,18 +205,36 @@ def generate_batch():
     app, request_id = current_app._get_current_object(), g.request_id
     fresh = bool(state("cache")) and wants_fresh_answer()
 
-    def answer_or_error(position: int, generation: Generation) -> dict:
+    def answer_or_error(position: int, generation: Generation) -> tuple[dict, Completion | None]:
         # Each prompt runs in a worker thread (a greenlet under gevent), outside the request, in its own app context.
         with app.app_context():
             try:
-                return answer(client, generation, f"{request_id}-{position}", fresh)
+                return answer(client, generation, f"{request_id}-{position}", fresh), g.get("completion")
             except ApiError as error:
-                return error.body()
+                return error.body(), None
 
     workers = min(state("settings").batch_concurrency, len(generations))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(answer_or_error, range(len(generations)), generations))
+        outcomes = list(pool.map(answer_or_error, range(len(generations)), generations))
+    results = [result for result, _ in outcomes]
+    # The request's log line counts the whole batch: its tokens, its slowest upstream call, all cached or not.
+    g.completion = combined([completion for _, completion in outcomes if completion])
+    g.cached = all(result.get("cached") for result in results)
     return jsonify(results=results)
+
+
+def combined(completions: list[Completion]) -> Completion | None:
+    """One batch's completions as one, for its log line: tokens summed, the longest upstream time."""
+    if not completions:
+        return None
+    return Completion(
+        text="",
+        model=completions[0].model,
+        finish_reason=None,
+        prompt_tokens=sum(c.prompt_tokens for c in completions),
+        completion_tokens=sum(c.completion_tokens for c in completions),
+        upstream_ms=max(c.upstream_ms for c in completions),
+    )
 
 
 def healthz():
@@ -227,7 +247,7 @@ def readyz():
     redis_state = state("redis")
     problem = redis_state.problem() if redis_state else None
     if problem:
-        raise ApiError(503, f"Not ready: {problem}.", code="redis_unavailable")
+        raise ApiError(503, f"Not ready: {problem}.", code="redis_unavailable", error_type="service_unavailable")
     return jsonify(ReadyResponse(status="ready").model_dump())
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import sys
+from urllib.parse import urlsplit
 from typing import Annotated, Literal
 
 from limits import parse_many
@@ -129,6 +130,10 @@ class Settings(BaseSettings):
             return None
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://, for example redis://localhost:6379")
+        try:
+            urlsplit(url).port  # raises on a port that is not a number, which redis-py would only find later
+        except ValueError:
+            raise ValueError("has a port that is not a number") from None
         return url
 
     @field_validator("allowed_models", mode="before")

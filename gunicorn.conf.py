@@ -24,7 +24,8 @@ if settings.worker_class == "gevent":
     monkey.patch_all()
 
 # prometheus_client's multiprocess mode: each worker writes its metrics to files in this directory and /metrics
-# adds them all up. The variable must be set here, in the master, before any worker imports prometheus_client.
+# adds them all up. The variable must be set here, in the master, before the app (preloaded below) imports
+# prometheus_client.
 # A fresh directory per start, so numbers from an earlier run never leak in; Prometheus handles the reset.
 metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="genapi-metrics-")
 Path(metrics_dir).mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,8 @@ worker_class = settings.worker_class
 worker_connections = settings.worker_connections  # in-flight requests per gevent worker
 threads = settings.threads if settings.worker_class == "gthread" else 1  # in-flight requests per gthread worker
 
-# A worker silent this long is killed; it matches Heroku's 30 s router limit, past which nobody is listening.
+# A worker that has not checked in with the master for this long is killed (for a gevent worker this is its
+# heartbeat, not a per-request limit: genapi's own upstream budget keeps requests under Heroku's 30 s router limit).
 timeout = 30
 
 # On SIGTERM, in-flight requests get this long to finish, inside the 30 s Heroku gives before SIGKILL.
@@ -53,10 +55,12 @@ graceful_timeout = 25
 # Longer than the Heroku router's 90 s idle timeout, so the router, not us, closes idle keep-alive connections.
 keepalive = 95
 
-# Heroku collects logs from stdout and stderr. Its router already logs every request (method, path, status, time),
-# so gunicorn's own access line is off unless ACCESS_LOG=true: it costs ~0.1 ms of CPU per request (README, "Where the
-# CPU goes"), a tenth of the budget.
+# Heroku collects logs from stdout and stderr. The access log is genapi's own JSON line per request, on stdout
+# (genapi/logs.py), which says more than gunicorn's; gunicorn's access line would cost ~0.1 ms of CPU per request
+# (README, "Where the CPU goes"), so it is off unless ACCESS_LOG=true, and then it shows the path without the query
+# string, where a careless client may have put its key. gunicorn's error log goes to stderr.
 accesslog = "-" if settings.access_log else None
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%({x-request-id}o)s"'
 errorlog = "-"
 
 # The kernel queue of connections not yet accepted: bigger than the 500 clients of the benchmark's widest scenario.

@@ -62,7 +62,10 @@ class RedisCache:
             self._redis.failed(error)
             return None
         self._redis.answered()
-        return json.loads(stored) if stored else None
+        try:
+            return json.loads(stored) if stored else None
+        except ValueError:  # not written by genapi (or by another version of it): a miss, overwritten on store
+            return None
 
     def put(self, key: str, answer: dict) -> None:
         try:

@@ -28,9 +28,10 @@ ERROR_TYPES = {
 class ApiError(Exception):
     """An answer other than success: raise it anywhere on the request path and the handler below shapes it."""
 
-    def __init__(self, status, message, code=None, param=None, headers=None, fields=None):
+    def __init__(self, status, message, code=None, param=None, headers=None, fields=None, error_type=None):
         super().__init__(message)
         self.status = status
+        self.type = error_type or ERROR_TYPES.get(status, "server_error")
         self.message = message
         self.code = code
         self.param = param
@@ -38,7 +39,7 @@ class ApiError(Exception):
         self.fields = fields  # for a 422: [{"param": ..., "message": ...}, ...]
 
     def body(self) -> dict:
-        error = {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error")}
+        error = {"message": self.message, "type": self.type}
         error |= {"param": self.param, "code": self.code}
         if self.fields is not None:
             error["fields"] = self.fields

@@ -51,9 +51,6 @@ class KeyRing:
     def __init__(self, user_entries: list[str], admin_entries: list[str] = ()):
         self._entries = [parse_entry(e) for e in user_entries] + [parse_entry(e, is_admin=True) for e in admin_entries]
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def __repr__(self) -> str:
         return f"KeyRing({len(self._entries)} keys)"
 

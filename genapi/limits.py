@@ -98,6 +98,10 @@ def charge(cost: int) -> None:
     limit = current_app.extensions["genapi"]["key_limits"].of(g.client)
     if limit is None:
         return
+    if cost > limit.amount:  # no wait would ever let it through: say so, rather than 429 and Retry-After
+        message = f"{cost} prompts are more than this key's whole rate limit ({limit}); send fewer at a time."
+        fields = [{"param": "prompts", "message": message}]
+        raise ApiError(422, message, code="over_rate_limit", param="prompts", fields=fields)
     strategy = current_app.extensions["genapi"]["limiter"].limiter
     bucket = (g.client.name, PER_KEY)
     try:

@@ -1,6 +1,6 @@
 """Prometheus metrics: what is counted, and the text /metrics serves.
 
-Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before any worker imports prometheus_client, so
+Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the app imports prometheus_client, so
 each worker writes its numbers to files there and /metrics adds up every worker's. Without it (Flask's test
 client, `flask run`) the one process's own registry is served.
 """

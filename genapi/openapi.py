@@ -25,7 +25,8 @@ ERROR_MEANINGS = {
     413: "The body is larger than MAX_CONTENT_LENGTH (body_too_large).",
     415: "The body is not sent as application/json (unsupported_media_type).",
     422: "A field is missing, of the wrong type, out of range or unknown (validation_error), or the model is not "
-    "in ALLOWED_MODELS (model_not_allowed); error.fields lists each failing field.",
+    "in ALLOWED_MODELS (model_not_allowed), or a batch has more prompts than the key's whole rate limit "
+    "(over_rate_limit); error.fields lists each failing field.",
     429: "A rate limit refused the request: the key's RATE_LIMIT (rate_limit_exceeded) or this address's failed "
     "authentications (too_many_auth_failures); retry after the Retry-After header's seconds.",
     500: "A bug in genapi (internal_error); it is logged.",

@@ -45,8 +45,6 @@ class Completion:
 class MockProvider:
     """Answers offline and deterministically from the prompt, and says "model": "mock" so nobody mistakes it."""
 
-    name = "mock"
-
     def complete(self, generation: Generation) -> Completion:
         seed = hashlib.sha256(generation.prompt.encode()).hexdigest()[:8]
         words = f"Mock answer {seed}: this is genapi's offline mock provider, not a model. You said: {generation.prompt}"
@@ -101,8 +99,6 @@ def upstream_message(error: openai.APIStatusError) -> str:
 class OpenAIProvider:
     """Chat Completions through one synchronous SDK client, built once per process."""
 
-    name = "openai"
-
     def __init__(self, settings: Settings, http_client: httpx2.Client | None = None):
         api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "no-key-needed"
         self._api_key = api_key
@@ -112,7 +108,9 @@ class OpenAIProvider:
             base_url=settings.openai_base_url,
             timeout=timeout,
             max_retries=settings.openai_max_retries,
-            http_client=http_client or upstream_http_client(settings.in_flight_per_worker, timeout),
+            # Each request in flight may be a batch, with up to BATCH_CONCURRENCY upstream calls of its own.
+            http_client=http_client
+            or upstream_http_client(settings.in_flight_per_worker * settings.batch_concurrency, timeout),
         )
 
     def __repr__(self) -> str:

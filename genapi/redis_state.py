@@ -20,10 +20,10 @@ REDIS_RETRY = Retry(NoBackoff(), retries=1)
 
 
 def masked_url(url: str) -> str:
-    """The URL with its password replaced, for logs: redis://:***@host:6379/0."""
-    parts = urlsplit(url)
+    """The URL for logs: its password replaced (redis://:***@host:6379/0), its query (which may hold one) left out."""
+    parts = urlsplit(url)._replace(query="")
     if parts.password is None:
-        return url
+        return parts.geturl()
     host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 

@@ -128,3 +128,19 @@ def test_a_batch_of_8_one_second_prompts_answers_in_under_2_5_seconds_in_order(f
     assert fake_openai.max_in_flight == 8
     assert [r["response"] for r in results[:7]] == [f"echo: prompt {n}" for n in range(7)]
     assert results[7]["error"]["code"] == "upstream_error"
+
+
+def test_a_batch_larger_than_the_keys_whole_limit_is_422_not_a_429_to_wait_out(make_app, upstream):
+    client = make_app(rate_limit="2/minute").test_client()
+    response = post_batch(client)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["code"] == "over_rate_limit"
+    assert upstream.calls == 0
+    assert post_batch(client, prompts=["one", "two"]).status_code == 200
+
+
+def test_the_upstream_pool_holds_a_full_batch_for_every_request_in_flight():
+    provider = create_app(make_settings(openai_base_url="http://upstream.test/v1")).extensions["genapi"]["provider"]
+    settings = make_settings()
+    pool = provider.client._client._transport._pool
+    assert pool._max_connections == settings.in_flight_per_worker * settings.batch_concurrency

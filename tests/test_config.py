@@ -105,3 +105,11 @@ def test_start_up_error_never_shows_a_secret(clean_env, monkeypatch, capsys):
 def test_in_flight_requests_per_worker_follow_the_worker_class(clean_env, server, in_flight):
     settings = Settings(_env_file=None, api_keys="k", llm_provider="mock", **server)
     assert settings.in_flight_per_worker == in_flight
+
+
+def test_redis_url_with_a_port_that_is_not_a_number_stops_start_up(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv("API_KEYS", "k")
+    monkeypatch.setenv("REDIS_URL", "redis://:secret-pw@localhost:notaport/0")
+    error = start_up_error(capsys)
+    assert "REDIS_URL" in error
+    assert "secret-pw" not in error

@@ -195,3 +195,9 @@ def test_success_body_is_exactly_the_generate_response_model(generate):
     body = generate().get_json()
     assert list(body) == list(GenerateResponse.model_fields)
     assert GenerateResponse.model_validate(body).model_dump() == body
+
+
+def test_options_is_405_json_not_an_empty_html_page(client):
+    response = client.options("/generate")
+    assert response.status_code == 405
+    assert response.get_json()["error"]["code"] == "method_not_allowed"

@@ -102,3 +102,12 @@ def test_start_up_configuration_masks_secrets_and_shows_only_the_base_urls_host(
     assert "redis-password-42" not in json.dumps(shown)
     assert {"llm_provider", "openai_model", "worker_class", "web_concurrency", "max_prompt_chars"} <= set(shown)
     assert USER_KEY not in json.dumps(shown) and UPSTREAM_KEY not in json.dumps(shown)
+
+
+def test_a_batch_logs_one_line_with_the_whole_batchs_tokens(client, quiet):
+    client.post("/generate/batch", json={"prompts": ["one two", "three"]}, headers={"X-API-KEY": USER_KEY})
+    (line,) = [line for line in request_lines(quiet) if line["path"] == "/generate/batch"]
+    assert line["prompt_tokens"] == 3
+    assert line["completion_tokens"] == 5
+    assert line["upstream_ms"] is not None
+    assert line["cached"] is False

@@ -135,3 +135,27 @@ def test_redis_url_password_is_in_no_repr(make_app, private_redis):
     app = make_app(redis_url=private_redis.url, cache_ttl=60)
     assert private_redis.PASSWORD not in repr(app.extensions["genapi"])
     assert private_redis.PASSWORD not in repr(app.extensions["genapi"]["settings"])
+
+
+def test_masked_url_leaves_out_a_query_that_may_hold_a_password():
+    assert masked_url("redis://example.com:6379/0?password=pw") == "redis://example.com:6379/0"
+
+
+def test_a_redis_cache_value_that_is_not_json_is_a_miss(make_app, upstream, redis_settings, shared_redis_url):
+    client = make_app(cache_ttl=60, **redis_settings).test_client()
+    post(client)
+    connection = redis.Redis.from_url(shared_redis_url)
+    (key,) = connection.scan_iter(match=f"{redis_settings['redis_key_prefix']}cache:*")
+    connection.set(key, b"not json")
+    response = post(client)
+    assert response.status_code == 200
+    assert response.headers["X-Cache"] == "MISS"
+    assert upstream.calls == 2
+
+
+def test_readyz_says_service_unavailable_not_upstream_when_redis_is_down(make_app, private_redis):
+    client = make_app(redis_url=private_redis.url, redis_key_prefix="genapi-readyz:").test_client()
+    private_redis.stop()
+    error = client.get("/readyz").get_json()["error"]
+    assert error["code"] == "redis_unavailable"
+    assert error["type"] == "service_unavailable"
