@@ -137,8 +137,8 @@ def generation_from(options, prompt: str, client: Client) -> Generation:
 
 
 def wants_fresh_answer() -> bool:
-    """`Cache-Control: no-cache` asks for a new upstream call (whose answer is then cached)."""
-    return bool(request.cache_control.no_cache)
+    """`Cache-Control: no-cache` asks for a new upstream call (whose answer is then cached); read only with a cache."""
+    return bool(state("cache")) and bool(request.cache_control.no_cache)
 
 
 def complete(generation: Generation) -> Completion:
@@ -189,7 +189,7 @@ def generate():
     body = read_json_body(state("GenerateRequest"))
     generation = generation_from(body, body.prompt, client)
     charge(1)
-    result = answer(client, generation, g.request_id, fresh=bool(state("cache")) and wants_fresh_answer())
+    result = answer(client, generation, g.request_id, wants_fresh_answer())
     response = jsonify(result)
     if state("cache"):
         response.headers["X-Cache"] = "HIT" if result["cached"] else "MISS"
@@ -202,8 +202,7 @@ def generate_batch():
     body = read_json_body(state("BatchRequest"))
     generations = [generation_from(body, prompt, client) for prompt in body.prompts]
     charge(len(generations))  # each prompt is one request against the key's limit: all of the batch, or 429
-    app, request_id = current_app._get_current_object(), g.request_id
-    fresh = bool(state("cache")) and wants_fresh_answer()
+    app, request_id, fresh = current_app._get_current_object(), g.request_id, wants_fresh_answer()
 
     def answer_or_error(position: int, generation: Generation) -> tuple[dict, Completion | None]:
         # Each prompt runs in a worker thread (a greenlet under gevent), outside the request, in its own app context.
