@@ -19,6 +19,7 @@ DROP = "drop"  # close the connection without answering
 NOT_JSON = "not_json"  # 200 whose body is not JSON
 EMPTY_CHOICES = "empty_choices"  # 200 with "choices": []
 HANG = "hang"  # never answer, so the client times out
+CLOSE = "close"  # answer, then close the connection, as a server whose keep-alive timeout ran out
 
 # A prompt containing "FAIL:<status>" is answered with that status whatever the script says, so a test of
 # concurrent calls can pick the failing one by its content rather than by call order.
@@ -64,6 +65,10 @@ def completion_body(request_body: dict, request_id: int) -> dict:
     }
 
 
+class ClosingAnswer(bytes):
+    """An answer after which the server closes the connection, without saying so in a header."""
+
+
 def http_response(status: int, body: bytes, headers: dict | None = None, content_type="application/json") -> bytes:
     head = [f"HTTP/1.1 {status} X", f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
     head += [f"{name}: {value}" for name, value in (headers or {}).items()]
@@ -77,6 +82,7 @@ class FakeOpenAI:
         self.delay = delay
         self.script: list = []  # behaviours for the next calls, consumed in order
         self.calls = 0
+        self.connections = 0  # connections accepted
         self.requests: list[dict] = []  # headers and body of each chat call, newest last
         self.record = True
         self.in_flight = 0  # chat calls waiting out the delay right now
@@ -96,6 +102,7 @@ class FakeOpenAI:
         self.script.clear()
         self.requests.clear()
         self.calls = 0
+        self.connections = 0
         self.delay = 0.0
         self.max_in_flight = 0
 
@@ -116,6 +123,7 @@ class FakeOpenAI:
 
     # -- the server ------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -137,6 +145,8 @@ class FakeOpenAI:
                     break
                 writer.write(answer)
                 await writer.drain()
+                if isinstance(answer, ClosingAnswer):
+                    break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -170,7 +180,8 @@ class FakeOpenAI:
         if isinstance(behaviour, Status):
             error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
             return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
-        return http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
+        answer = http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
+        return ClosingAnswer(answer) if behaviour == CLOSE else answer
 
     async def _wait(self, seconds: float) -> None:
         """Wait out the delay, counting the calls that wait at once (a HANG never gets here, so never counts)."""

@@ -1,0 +1,79 @@
+"""Upstream connections over real sockets: each call in flight gets a kept-alive connection, lent in constant time."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2
+
+from tests.conftest import USER_KEY, make_settings
+from tests.fake_openai import CLOSE, DROP
+
+from app import create_app
+from genapi.providers import ConnectionPerCallTransport
+
+
+CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def generate_app(fake_openai):
+    return create_app(make_settings(openai_base_url=fake_openai.base_url))
+
+
+def post(app) -> int:
+    client = app.test_client()
+    return client.post("/generate", json={"prompt": "Tell me a joke."}, headers={"X-API-KEY": USER_KEY}).status_code
+
+
+def post_together(app, fake_openai, count: int) -> list[int]:
+    """`count` requests at once, held at the upstream until all of them are there."""
+    fake_openai.delay = 0.3
+    with ThreadPoolExecutor(count) as pool:
+        answers = [pool.submit(post, app) for _ in range(count)]
+        assert fake_openai.wait_for_in_flight(count)
+        return [answer.result() for answer in answers]
+
+
+def test_calls_one_after_another_reuse_one_upstream_connection(fake_openai):
+    app = generate_app(fake_openai)
+    assert [post(app) for _ in range(3)] == [200, 200, 200]
+    assert fake_openai.connections == 1
+
+
+def test_calls_in_flight_together_each_get_a_connection_and_keep_it_for_the_next_round(fake_openai):
+    app = generate_app(fake_openai)
+    assert post_together(app, fake_openai, 5) == [200] * 5
+    assert post_together(app, fake_openai, 5) == [200] * 5
+    assert fake_openai.connections == 5
+
+
+def test_a_connection_the_upstream_closed_is_replaced_on_the_next_call(fake_openai):
+    app = generate_app(fake_openai)
+    fake_openai.then(CLOSE)
+    assert [post(app), post(app), post(app)] == [200, 200, 200]
+    assert fake_openai.connections == 2
+
+
+def test_a_connection_that_failed_mid_call_is_replaced_on_the_next_call(fake_openai):
+    app = create_app(make_settings(openai_base_url=fake_openai.base_url, openai_max_retries=0))
+    fake_openai.then(DROP)
+    assert [post(app), post(app), post(app)] == [502, 200, 200]
+    assert fake_openai.connections == 2
+
+
+def test_idle_connections_beyond_the_limit_are_closed_not_kept(fake_openai):
+    transport = ConnectionPerCallTransport(max_idle=1)
+    with httpx2.Client(transport=transport, base_url=fake_openai.base_url) as client:
+        fake_openai.delay = 0.3
+        with ThreadPoolExecutor(3) as pool:
+            answers = [pool.submit(client.post, "/chat/completions", json=CHAT) for _ in range(3)]
+            assert fake_openai.wait_for_in_flight(3)
+            assert [answer.result().status_code for answer in answers] == [200, 200, 200]
+        assert len(transport._idle) == 1
+
+
+def test_closing_the_client_closes_its_idle_connections(fake_openai):
+    transport = ConnectionPerCallTransport(max_idle=4)
+    with httpx2.Client(transport=transport, base_url=fake_openai.base_url) as client:
+        assert client.get("/healthz").status_code == 200
+        idle = transport._idle[0]
+    assert transport._idle == []
+    assert idle._pool.connections == []
