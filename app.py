@@ -104,7 +104,8 @@ def start_request() -> None:
 
 def finish_request(response: Response) -> Response:
     """Every answer, success or error: its X-Request-ID header, its metrics, its one log line."""
-    g.setdefault("request_id", new_request_id())
+    if "request_id" not in g:  # an error before start_request ran
+        g.request_id = new_request_id()
     response.headers["X-Request-ID"] = g.request_id
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     route = request.url_rule.rule if request.url_rule else None
