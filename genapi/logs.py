@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from flask import g, request
 from pydantic import SecretStr
 
+from genapi.pid import current_pid
+
 request_log = logging.getLogger("genapi.request")
 
 
@@ -75,7 +77,7 @@ def log_request(status: int, seconds: float, log_prompts: bool) -> None:
         "completion_tokens": completion.completion_tokens if completion else None,
         "cached": g.get("cached", False),
         "upstream_request_id": completion.upstream_request_id if completion else None,
-        "pid": os.getpid(),
+        "pid": current_pid(),
     }
     generation = g.get("generation")
     if log_prompts and generation:

@@ -7,8 +7,15 @@ client, `flask run`) the one process's own registry is served.
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from genapi.pid import current_pid
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # The multiprocess values check the process id on every update; the cached one changes at a fork all the same.
+    # It must be set before the metrics below are made.
+    values.ValueClass = values.MultiProcessValue(process_identifier=current_pid)
 
 # Requests that match no route share one label, so a scanner's random paths cannot grow the series without bound.
 UNMATCHED_ROUTE = "unmatched"
