@@ -112,6 +112,9 @@ class OpenAIProvider:
             http_client=http_client
             or upstream_http_client(settings.in_flight_per_worker * settings.batch_concurrency, timeout),
         )
+        # The SDK describes the platform in headers it works out once per process, running `uname -p` to do so.
+        # Here that happens while the app is built, so in gunicorn's master, not on each worker's first request.
+        self.client.platform_headers()
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(base_url={str(self.client.base_url)!r})"

@@ -3,6 +3,7 @@
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
+from openai import _base_client as openai_base_client
 
 from tests.conftest import USER_KEY, make_settings
 from tests.fake_openai import CLOSE, DROP
@@ -77,3 +78,11 @@ def test_closing_the_client_closes_its_idle_connections(fake_openai):
         idle = transport._idle[0]
     assert transport._idle == []
     assert idle._pool.connections == []
+
+
+def test_the_sdks_platform_probe_runs_while_the_app_is_built_so_before_gunicorn_forks(fake_openai):
+    openai_base_client.platform_headers.cache_clear()  # as in a fresh process
+    app = generate_app(fake_openai)
+    assert openai_base_client.platform_headers.cache_info().currsize == 1
+    assert post(app) == 200
+    assert openai_base_client.platform_headers.cache_info().misses == 1
