@@ -13,6 +13,7 @@ machine. The README's "Benchmark" section explains the numbers.
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -27,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.reference import ISSUE_BARE_FLASK_RPS, ISSUE_SDK_CALL_CPU_MS, sdk_call_cpu_ms  # noqa: E402
 from tests.procfile import ProcfileService, free_port  # noqa: E402
 
 API_KEY = "bench-key-0123456789"
@@ -140,44 +142,58 @@ class FakeUpstream:
 
 
 # -- load ----------------------------------------------------------------------------------------------------------
-def wrk(port: int, path: str, body: str, clients: int, seconds: float, stagger: float, api_key: str = "") -> dict:
-    """One wrk run, each connection's first request after a random 0..stagger s; its numbers (bench/post.lua)."""
+def wrk(port: int, path: str, body: str, clients: int, seconds: float, stagger: float = 0.0, api_key: str = "",
+        ramp: float = 0.0) -> dict:
+    """One wrk run, each connection's first request after a random 0..stagger s; its numbers (bench/post.lua).
+
+    With a ramp, the load lasts ramp + seconds (and one more second, so that answers due by the end arrive), and
+    `window_rps` counts the answers completed in the `seconds` after the ramp: the steady rate, without the first
+    round trips, when no answer can come back yet.
+    """
     threads = min(clients, os.cpu_count() or 2)
+    window_start = time.monotonic() + ramp if ramp else 0.0
+    window = (window_start, window_start + seconds) if ramp else (0.0, 0.0)
+    duration = math.ceil(ramp + seconds + 1) if ramp else round(seconds)
     command = [
-        "wrk", f"-t{threads}", f"-c{clients}", f"-d{round(seconds)}s", "--timeout", "10s",
+        "wrk", f"-t{threads}", f"-c{clients}", f"-d{duration}s", "--timeout", "10s",
         "-s", str(ROOT / "bench" / "post.lua"), f"http://127.0.0.1:{port}",
-        "--", path, body, str(round(stagger * 1000)), str(-(-clients // threads)),
-    ] + ([api_key] if api_key else [])  # fmt: skip
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
+        "--", path, body, str(round(stagger * 1000)), str(-(-clients // threads)), api_key or "-",
+        f"{window[0]:.6f}", f"{window[1]:.6f}",
+    ]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next((ln for ln in finished.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if finished.returncode != 0 or line is None:
         raise SystemExit(f"wrk failed ({finished.returncode}):\n{finished.stdout}\n{finished.stderr}")
     numbers = json.loads(line.removeprefix("BENCH "))
     numbers["rps"] = numbers["requests"] / numbers["seconds"]
-    # A closed loop of N clients sustains N / (mean latency) requests a second (Little's law). wrk's own rate also
-    # counts the first round trip, when nothing can come back: with a 1 s upstream it cannot pass 19/20 of ideal.
-    numbers["sustained_rps"] = clients / (numbers["mean_ms"] / 1000) if numbers["mean_ms"] else 0.0
+    numbers["window_rps"] = numbers["in_window"] / seconds if ramp else None
     numbers["errors"] = numbers["non_2xx"] + numbers["socket_errors"]
     return numbers
 
 
-def load_service(service: ProcfileService, clients: int, seconds: float, stagger: float = 0.0) -> dict:
+def load_service(service: ProcfileService, clients: int, seconds: float, stagger: float = 0.0, ramp: float = 0.0) -> dict:
     """wrk against POST /generate, with the service's CPU time per answered request."""
     pid = service.process.pid
     cpu_before = cpu_seconds(pid)
-    numbers = wrk(service.port, "/generate", SERVICE_BODY, clients, seconds, stagger, API_KEY)
+    numbers = wrk(service.port, "/generate", SERVICE_BODY, clients, seconds, stagger, API_KEY, ramp)
     numbers["cpu_ms_per_request"] = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, numbers["requests"])
     numbers["rss_mb"], numbers["pss_mb"] = memory_mb(pid)
     return numbers
 
 
 def load_direct(upstream: FakeUpstream, clients: int, seconds: float) -> dict:
-    return wrk(upstream.port, "/v1/chat/completions", DIRECT_BODY, clients, seconds, stagger=0.0)
+    return wrk(upstream.port, "/v1/chat/completions", DIRECT_BODY, clients, seconds)
 
 
 # -- scenarios -----------------------------------------------------------------------------------------------------
 def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
+
+
+def verdicts(value: float, limit: float, speed: float) -> str:
+    """The verdict on a CPU-bound target, and, on a slower machine than the issue's, on the target scaled to it."""
+    plain = verdict(value <= limit)
+    return plain if speed <= 1 else f"{plain} {limit:g} ms; {verdict(value <= limit * speed)} {limit * speed:.2f} ms scaled"
 
 
 def run(plan: Plan, workdir: Path) -> list[Row]:
@@ -199,33 +215,48 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
         rows.append(Row("start-up: launch to first 200 on /healthz", versus=f"{startup:.2f} s", target=verdict(startup < 3)))
 
         # Warm up the workers and open the upstream connections, then measure; the clients are spread over one
-        # upstream period (bench/post.lua says why).
+        # upstream period (bench/post.lua says why), and the window leaves out the ramp: the stagger, then the
+        # first answers.
         load_service(service, plan.slow_clients[0], plan.warmup_seconds)
         for clients, (share, p99_limit) in zip(plan.slow_clients, ((0.97, 1200), (0.95, None))):
             upstream_cpu = cpu_seconds(upstream.process.pid)
-            numbers = load_service(service, clients, plan.seconds, stagger=plan.upstream_delay)
+            numbers = load_service(service, clients, plan.seconds, stagger=plan.upstream_delay, ramp=2 * plan.upstream_delay)
             ideal = clients / plan.upstream_delay
-            ok = numbers["sustained_rps"] >= share * ideal and numbers["errors"] == 0
+            ok = numbers["window_rps"] >= share * ideal and numbers["errors"] == 0
             ok = ok and (p99_limit is None or numbers["p99_ms"] <= p99_limit)
             numbers["upstream_cpu_share"] = (cpu_seconds(upstream.process.pid) - upstream_cpu) / plan.seconds
             rows.append(row(f"{clients} clients, upstream {plan.upstream_delay:g} s, {plan.seconds:g} s", numbers,
-                            f"{numbers['sustained_rps'] / ideal:.1%} of ideal {ideal:g}/s (sustained {numbers['sustained_rps']:.1f}/s;"
-                            f" wrk's rate {numbers['rps'] / ideal:.1%})", verdict(ok)))  # fmt: skip
+                            f"{numbers['window_rps'] / ideal:.1%} of ideal {ideal:g}/s (wrk's rate over the whole run,"
+                            f" ramp included: {numbers['rps'] / ideal:.1%})", verdict(ok), rps=numbers["window_rps"]))  # fmt: skip
 
         upstream.stop()  # the same port, now answering at once; the service keeps running
         upstream = FakeUpstream(upstream_port, 0.0, workdir / "upstream.log")
         load_service(service, plan.busy_clients, plan.warmup_seconds)
+        measured = []
         for clients in (plan.busy_clients, 1):
             direct = load_direct(upstream, clients, plan.instant_seconds)
             numbers = load_service(service, clients, plan.instant_seconds)
+            measured.append((clients, direct, numbers))
+
+        # The machine's speed, by the issue's own yardsticks, right after the scenarios they scale.
+        sdk_ms = sdk_call_cpu_ms(f"http://127.0.0.1:{upstream_port}/v1", calls=200 if plan is QUICK else 2000)
+        bare = load_bare_flask(plan.busy_clients, plan.instant_seconds, workdir)
+        speed = sdk_ms / ISSUE_SDK_CALL_CPU_MS  # how many times slower than the issue's machine
+
+        for clients, direct, numbers in measured:
             name = f"{clients} client{'s' if clients > 1 else ''}, upstream instant, {plan.instant_seconds:g} s"
             rows.append(row(f"{name}: direct to upstream", direct))
             if clients == 1:
                 added = numbers["p50_ms"] - direct["p50_ms"]
-                versus, ok = f"+{added:.2f} ms p50 over direct", added <= 1.5
+                versus, target = f"+{added:.2f} ms p50 over direct", verdicts(added, 1.5, speed)
             else:
-                versus, ok = f"{numbers['rps'] / direct['rps']:.1%} of direct", numbers["cpu_ms_per_request"] <= 1.5
-            rows.append(row(f"{name}: through genapi", numbers, versus, verdict(ok and numbers["errors"] == 0)))
+                versus, target = f"{numbers['rps'] / direct['rps']:.1%} of direct", verdicts(numbers["cpu_ms_per_request"], 1.5, speed)
+            rows.append(row(f"{name}: through genapi", numbers, versus, target if numbers["errors"] == 0 else "MISSES: errors"))
+
+        rows.append(Row("yardstick: one SDK chat call, CPU in-process", cpu_ms_per_request=sdk_ms,
+                        versus=f"{speed:.2f}x the issue's {ISSUE_SDK_CALL_CPU_MS:g} ms"))  # fmt: skip
+        rows.append(row(f"yardstick: bare Flask route, same gunicorn, {plan.busy_clients} clients", bare,
+                        f"{ISSUE_BARE_FLASK_RPS / bare['rps']:.2f}x slower than the issue's {ISSUE_BARE_FLASK_RPS:,}/s"))  # fmt: skip
 
         # RSS counts the pages a worker shares with the master once per process; PSS splits them, so the PSS sum is
         # what the service's processes hold in memory together.
@@ -238,9 +269,25 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
     return rows
 
 
-def row(scenario: str, numbers: dict, versus: str = "", target: str = "") -> Row:
+def load_bare_flask(clients: int, seconds: float, workdir: Path) -> dict:
+    """wrk against bench/reference.py's one-line route, served with the Procfile service's worker class and count."""
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "bench" / "reference_gunicorn.py"),
+               "--bind", f"127.0.0.1:{port}", "bench.reference:app"]  # fmt: skip
+    with open(workdir / "reference.log", "wb") as log:
+        server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port)
+            wrk(port, "/", "{}", clients, 1)  # warm up
+            return wrk(port, "/", "{}", clients, seconds)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
+def row(scenario: str, numbers: dict, versus: str = "", target: str = "", rps: float | None = None) -> Row:
     return Row(
-        scenario, numbers["rps"], numbers["p50_ms"], numbers["p99_ms"], numbers["errors"],
+        scenario, numbers["rps"] if rps is None else rps, numbers["p50_ms"], numbers["p99_ms"], numbers["errors"],
         numbers.get("cpu_ms_per_request"), numbers.get("rss_mb"), versus, target, numbers,
     )  # fmt: skip
 
