@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -206,24 +207,27 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
     choose which to reuse and which to close. With a connection kept alive per call in flight, that walk grew with
     the load: at 250 calls in flight per worker it was most of the difference between a worker's CPU per request
     at 32 and at 500 clients (README, "Where the CPU goes"). Here every idle connection waits in a transport of its
-    own (httpx2's, limited to one connection) on a stack: a call takes the newest, or makes one, and puts it back
+    own (httpx2's, limited to one connection) in a deque: a call takes the newest, or makes one, and puts it back
     when its response is closed. httpcore2 still checks that one connection (keep-alive expiry, closed by the
-    server) before using it.
+    server) before using it, and each put-back closes the oldest idle connection once it has outlived the
+    keep-alive expiry, so a burst's connections do not stay open for good once the load falls.
     """
 
-    def __init__(self, max_idle: int, **transport_options):
+    def __init__(self, max_idle: int, keepalive_expiry: float = 5.0, **transport_options):
         self._max_idle = max_idle
+        self._limits = httpx2.Limits(max_connections=1, keepalive_expiry=keepalive_expiry)
         # One SSL context for all: building one loads the CA bundle, which costs milliseconds and memory each time.
         transport_options.setdefault("verify", httpx2.create_ssl_context())
         self._transport_options = transport_options
-        self._idle: list[httpx2.HTTPTransport] = []
+        # (idle since, transport), oldest first; deque's append and pops are atomic, so gthread's threads may share it.
+        self._idle: deque[tuple[float, httpx2.HTTPTransport]] = deque()
         self._closed = False
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
-            transport = self._idle.pop()  # list.pop is atomic, so gthread's threads may share the stack
+            _, transport = self._idle.pop()
         except IndexError:
-            transport = httpx2.HTTPTransport(limits=httpx2.Limits(max_connections=1), **self._transport_options)
+            transport = httpx2.HTTPTransport(limits=self._limits, **self._transport_options)
         try:
             response = transport.handle_request(request)
         except BaseException:
@@ -235,13 +239,20 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
     def _put_back(self, transport: httpx2.HTTPTransport) -> None:
         if self._closed or len(self._idle) >= self._max_idle:
             transport.close()
-        else:
-            self._idle.append(transport)
+            return
+        now = time.monotonic()
+        self._idle.append((now, transport))
+        if now - self._idle[0][0] > self._limits.keepalive_expiry:
+            try:
+                _, expired = self._idle.popleft()
+            except IndexError:  # another thread took it
+                return
+            expired.close()
 
     def close(self) -> None:
         self._closed = True
         while self._idle:
-            self._idle.pop().close()
+            self._idle.pop()[1].close()
 
 
 class _CallbackOnClose(httpx2.SyncByteStream):

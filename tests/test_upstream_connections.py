@@ -1,5 +1,6 @@
 """Upstream connections over real sockets: each call in flight gets a kept-alive connection, lent in constant time."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
@@ -75,9 +76,25 @@ def test_closing_the_client_closes_its_idle_connections(fake_openai):
     transport = ConnectionPerCallTransport(max_idle=4)
     with httpx2.Client(transport=transport, base_url=fake_openai.base_url) as client:
         assert client.get("/healthz").status_code == 200
-        idle = transport._idle[0]
-    assert transport._idle == []
+        _, idle = transport._idle[0]
+    assert not transport._idle
     assert idle._pool.connections == []
+
+
+def test_the_connection_idle_longest_is_closed_once_it_outlives_the_keep_alive_expiry(fake_openai):
+    transport = ConnectionPerCallTransport(max_idle=4, keepalive_expiry=0.2)
+    with httpx2.Client(transport=transport, base_url=fake_openai.base_url) as client:
+        fake_openai.delay = 0.3
+        with ThreadPoolExecutor(2) as pool:
+            answers = [pool.submit(client.post, "/chat/completions", json=CHAT) for _ in range(2)]
+            assert fake_openai.wait_for_in_flight(2)
+            assert [answer.result().status_code for answer in answers] == [200, 200]
+        (_, oldest), _ = transport._idle
+        time.sleep(0.3)  # both outlive the expiry; the next call takes the newest, and its put-back closes the oldest
+        fake_openai.delay = 0.0
+        assert client.post("/chat/completions", json=CHAT).status_code == 200
+        assert len(transport._idle) == 1
+        assert oldest._pool.connections == []
 
 
 def test_the_sdks_platform_probe_runs_while_the_app_is_built_so_before_gunicorn_forks(fake_openai):
