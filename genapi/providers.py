@@ -242,12 +242,11 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
             return
         now = time.monotonic()
         self._idle.append((now, transport))
-        if now - self._idle[0][0] > self._limits.keepalive_expiry:
-            try:
-                _, expired = self._idle.popleft()
-            except IndexError:  # another thread took it
-                return
-            expired.close()
+        try:  # under gthread, another thread may take what this one looks at
+            if now - self._idle[0][0] > self._limits.keepalive_expiry:
+                self._idle.popleft()[1].close()
+        except IndexError:
+            pass
 
     def close(self) -> None:
         self._closed = True
