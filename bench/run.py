@@ -236,13 +236,14 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
         # The machine's speed by the issue's own yardstick, one SDK call's CPU, measured right before and right after
         # the scenarios it scales: a shared machine's speed drifts from minute to minute.
         sdk_calls = 200 if plan is QUICK else 2000
-        sdk_ms = [sdk_call_cpu_ms(f"http://127.0.0.1:{upstream_port}/v1", sdk_calls)]
+        upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+        sdk_ms = [sdk_call_cpu_ms(upstream_url, sdk_calls)]
         measured = []
         for clients in (plan.busy_clients, 1):
             direct = load_direct(upstream, clients, plan.instant_seconds)
             numbers = load_service(service, clients, plan.instant_seconds)
             measured.append((clients, direct, numbers))
-        sdk_ms.append(sdk_call_cpu_ms(f"http://127.0.0.1:{upstream_port}/v1", sdk_calls))
+        sdk_ms.append(sdk_call_cpu_ms(upstream_url, sdk_calls))
         speed = sum(sdk_ms) / len(sdk_ms) / ISSUE_SDK_CALL_CPU_MS  # how many times slower than the issue's machine
         bare = load_bare_flask(plan.busy_clients, plan.instant_seconds, workdir)
 

@@ -25,13 +25,17 @@ def post(app) -> int:
     return client.post("/generate", json={"prompt": "Tell me a joke."}, headers={"X-API-KEY": USER_KEY}).status_code
 
 
-def post_together(app, fake_openai, count: int) -> list[int]:
-    """`count` requests at once, held at the upstream until all of them are there."""
+def together(fake_openai, count: int, call) -> list:
+    """`count` calls at once, held at the upstream until all of them are there; their results."""
     fake_openai.delay = 0.3
     with ThreadPoolExecutor(count) as pool:
-        answers = [pool.submit(post, app) for _ in range(count)]
+        answers = [pool.submit(call) for _ in range(count)]
         assert fake_openai.wait_for_in_flight(count)
         return [answer.result() for answer in answers]
+
+
+def chat_status(client: httpx2.Client) -> int:
+    return client.post("/chat/completions", json=CHAT).status_code
 
 
 def test_calls_one_after_another_reuse_one_upstream_connection(fake_openai):
@@ -42,8 +46,8 @@ def test_calls_one_after_another_reuse_one_upstream_connection(fake_openai):
 
 def test_calls_in_flight_together_each_get_a_connection_and_keep_it_for_the_next_round(fake_openai):
     app = generate_app(fake_openai)
-    assert post_together(app, fake_openai, 5) == [200] * 5
-    assert post_together(app, fake_openai, 5) == [200] * 5
+    assert together(fake_openai, 5, lambda: post(app)) == [200] * 5
+    assert together(fake_openai, 5, lambda: post(app)) == [200] * 5
     assert fake_openai.connections == 5
 
 
@@ -64,11 +68,7 @@ def test_a_connection_that_failed_mid_call_is_replaced_on_the_next_call(fake_ope
 def test_idle_connections_beyond_the_limit_are_closed_not_kept(fake_openai):
     transport = ConnectionPerCallTransport(max_idle=1)
     with httpx2.Client(transport=transport, base_url=fake_openai.base_url) as client:
-        fake_openai.delay = 0.3
-        with ThreadPoolExecutor(3) as pool:
-            answers = [pool.submit(client.post, "/chat/completions", json=CHAT) for _ in range(3)]
-            assert fake_openai.wait_for_in_flight(3)
-            assert [answer.result().status_code for answer in answers] == [200, 200, 200]
+        assert together(fake_openai, 3, lambda: chat_status(client)) == [200, 200, 200]
         assert len(transport._idle) == 1
 
 
@@ -84,15 +84,11 @@ def test_closing_the_client_closes_its_idle_connections(fake_openai):
 def test_the_connection_idle_longest_is_closed_once_it_outlives_the_keep_alive_expiry(fake_openai):
     transport = ConnectionPerCallTransport(max_idle=4, keepalive_expiry=0.2)
     with httpx2.Client(transport=transport, base_url=fake_openai.base_url) as client:
-        fake_openai.delay = 0.3
-        with ThreadPoolExecutor(2) as pool:
-            answers = [pool.submit(client.post, "/chat/completions", json=CHAT) for _ in range(2)]
-            assert fake_openai.wait_for_in_flight(2)
-            assert [answer.result().status_code for answer in answers] == [200, 200]
+        assert together(fake_openai, 2, lambda: chat_status(client)) == [200, 200]
         (_, oldest), _ = transport._idle
         time.sleep(0.3)  # both outlive the expiry; the next call takes the newest, and its put-back closes the oldest
         fake_openai.delay = 0.0
-        assert client.post("/chat/completions", json=CHAT).status_code == 200
+        assert chat_status(client) == 200
         assert len(transport._idle) == 1
         assert oldest._pool.connections == []
 
