@@ -190,6 +190,11 @@ def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
 
 
+def times(slowdown: float) -> str:
+    """How a machine that takes `slowdown` times as long as the issue's compares with it, in words."""
+    return f"{slowdown:.2f}x slower than" if slowdown >= 1 else f"{1 / slowdown:.2f}x faster than"
+
+
 def verdicts(value: float, limit: float, speed: float) -> str:
     """The verdict on a CPU-bound target, and, on a slower machine than the issue's, on the target scaled to it."""
     plain = verdict(value <= limit)
@@ -260,7 +265,7 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
         rows.append(Row("yardstick: one SDK chat call, CPU in-process (before, after)", cpu_ms_per_request=speed * ISSUE_SDK_CALL_CPU_MS,
                         versus=f"{sdk_ms[0]:.2f} and {sdk_ms[1]:.2f} ms: {speed:.2f}x the issue's {ISSUE_SDK_CALL_CPU_MS:g} ms"))  # fmt: skip
         rows.append(row(f"yardstick: bare Flask route, same gunicorn, {plan.busy_clients} clients", bare,
-                        f"{ISSUE_BARE_FLASK_RPS / bare['rps']:.2f}x slower than the issue's {ISSUE_BARE_FLASK_RPS:,}/s"))  # fmt: skip
+                        f"{times(ISSUE_BARE_FLASK_RPS / bare['rps'])} the issue's {ISSUE_BARE_FLASK_RPS:,}/s"))  # fmt: skip
 
         # RSS counts the pages a worker shares with the master once per process; PSS splits them, so the PSS sum is
         # what the service's processes hold in memory together.
