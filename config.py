@@ -42,7 +42,8 @@ def split_list(value: str) -> list[str]:
 class Settings(BaseSettings):
     """Every setting genapi reads, typed; see .env.example for one line on each."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # An empty variable (`LLM_PROVIDER=`, as .env.example has them) means "not set": the default applies.
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True)
 
     # Client keys: comma-separated entries, each `key`, `sha256:<hex>`, `name:key` or `name:sha256:<hex>`.
     api_keys: SecretStr = SecretStr("")
@@ -148,6 +149,9 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://, for example http://localhost:11434/v1")
+        # The URL shows in logs and reprs; a password in it would show with it.
+        if urlsplit(value).username is not None:
+            raise ValueError("must not hold a user or password; genapi sends OPENAI_API_KEY as the bearer token")
         return value.rstrip("/")
 
     @model_validator(mode="after")

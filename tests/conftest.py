@@ -27,7 +27,7 @@ del os.environ["API_KEYS"]
 
 USER_KEY = "test-user-key-0123456789"
 ADMIN_KEY = "test-admin-key-9876543210"
-# The Redis that DEVELOPERS.md and .ci/run start; shared with other test runs, so each test keeps to its own prefix.
+# The Redis that the machine or .ci/run starts; shared with other test runs, so each test keeps to its own prefix.
 SHARED_REDIS_URL = os.environ.get("GENAPI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 UPSTREAM_KEY = "sk-upstream-secret-abcdef987654"
 

@@ -1,10 +1,15 @@
 """Settings: environment over .env, clear start-up errors, the retry budget, the provider default, never open."""
 
+import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 
 from config import Settings, load_settings, worst_case_upstream_seconds
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -113,3 +118,32 @@ def test_redis_url_with_a_port_that_is_not_a_number_stops_start_up(clean_env, mo
     error = start_up_error(capsys)
     assert "REDIS_URL" in error
     assert "secret-pw" not in error
+
+
+def test_base_url_with_a_password_stops_start_up_without_showing_it(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv("API_KEYS", "k")
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://user:url-secret@proxy.example/v1")
+    error = start_up_error(capsys)
+    assert "OPENAI_BASE_URL" in error
+    assert "url-secret" not in error
+
+
+def test_env_example_copied_to_dotenv_starts_with_the_defaults(clean_env, monkeypatch):
+    (clean_env / ".env").write_text((ROOT / ".env.example").read_text())
+    monkeypatch.setenv("API_KEYS", "k")
+    settings = load_settings()
+    derived = {"api_keys", "llm_provider"}
+    for name, field in Settings.model_fields.items():
+        if name not in derived:
+            assert getattr(settings, name) == field.default, name
+    assert settings.llm_provider == "mock"
+
+
+def test_every_setting_is_in_the_readme_env_example_and_app_json():
+    variables = {name.upper() for name in Settings.model_fields}
+    readme = (ROOT / "README.md").read_text()
+    configuration = readme[readme.index("## Configuration") : readme.index("**Keys.**")]
+    assert set(re.findall(r"^\| `([A-Z_]+)` \|", configuration, re.MULTILINE)) == variables
+    assert set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE)) == variables
+    # Heroku sets PORT itself.
+    assert set(json.loads((ROOT / "app.json").read_text())["env"]) == variables - {"PORT"}
