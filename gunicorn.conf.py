@@ -89,7 +89,7 @@ def when_ready(server):
 def post_worker_init(worker):
     """In a gevent worker, after gevent's monkey-patching: keep httpcore2's idle-connection checks cheap."""
     if settings.worker_class == "gevent":
-        from genapi.providers import probe_idle_connections_without_gevent
+        from genapi.upstream_http import probe_idle_connections_without_gevent
 
         probe_idle_connections_without_gevent()
 

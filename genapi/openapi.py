@@ -30,8 +30,9 @@ ERROR_MEANINGS = {
     429: "A rate limit refused the request: the key's RATE_LIMIT (rate_limit_exceeded) or this address's failed "
     "authentications (too_many_auth_failures); retry after the Retry-After header's seconds.",
     500: "A bug in genapi (internal_error); it is logged.",
-    502: "The model server failed, could not be reached, answered with something unusable, or refused genapi's "
-    "credentials (upstream_error, upstream_unavailable, upstream_bad_response, upstream_auth).",
+    502: "The model server failed, could not be reached, answered with something unusable, refused genapi's "
+    "credentials, or says genapi's account is out of quota (upstream_error, upstream_unavailable, "
+    "upstream_bad_response, upstream_auth, upstream_quota_exceeded).",
     503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds. "
     "On /readyz: Redis does not answer (redis_unavailable).",
     504: "The model server did not answer in time (upstream_timeout).",

@@ -5,18 +5,16 @@ with the status the contract gives it, so the route never sees an SDK exception.
 """
 
 import hashlib
-import json
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import httpx2
 import openai
 
 from config import Settings
 from genapi.errors import ApiError
+from genapi.upstream_http import upstream_http_client
 
 log = logging.getLogger("genapi")
 
@@ -89,12 +87,16 @@ def retry_after_seconds(headers, default: int = 5) -> str:
     return str(default)
 
 
+def upstream_error_detail(error: openai.APIStatusError) -> dict | None:
+    """The OpenAI-shaped error the upstream answered with ({"message": ...}), if it answered with one."""
+    body = error.body.get("error", error.body) if isinstance(error.body, dict) else None
+    return body if isinstance(body, dict) and isinstance(body.get("message"), str) else None
+
+
 def upstream_message(error: openai.APIStatusError) -> str:
     """The upstream's own explanation of a rejected request, which helps the client fix it."""
-    body = error.body if isinstance(error.body, dict) else {}
-    detail = body.get("error", body)
-    message = detail.get("message") if isinstance(detail, dict) else None
-    return str(message or error.message)[:500]
+    detail = upstream_error_detail(error)
+    return (detail["message"] if detail else error.message)[:500]
 
 
 class OpenAIProvider:
@@ -111,7 +113,9 @@ class OpenAIProvider:
             max_retries=settings.openai_max_retries,
             # Each request in flight may be a batch, with up to BATCH_CONCURRENCY upstream calls of its own.
             http_client=http_client
-            or upstream_http_client(settings.in_flight_per_worker * settings.batch_concurrency, timeout),
+            or upstream_http_client(
+                settings.in_flight_per_worker * settings.batch_concurrency, timeout, settings.openai_timeout
+            ),
         )
         # The SDK describes the platform in headers it works out once per process, running `uname -p` to do so.
         # Here that happens while the app is built, so in gunicorn's master, not on each worker's first request.
@@ -121,7 +125,8 @@ class OpenAIProvider:
         return f"OpenAIProvider(base_url={str(self.client.base_url)!r})"
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+        # A local server's placeholder key ("none", "ollama") is no secret, and replacing it would garble plain words.
+        return text.replace(self._api_key, "[redacted]") if len(self._api_key) >= 16 else text
 
     def complete(self, generation: Generation) -> Completion:
         messages = [{"role": "user", "content": generation.prompt}]
@@ -136,12 +141,16 @@ class OpenAIProvider:
             # the raw response: skipping the typed-params transform and the response model saves ~0.4 ms of CPU per
             # call (README, "Where the CPU goes"); _to_completion checks the answer's shape instead.
             response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response)
-            completion = response.json()
         except openai.APITimeoutError:
             raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
         except openai.APIConnectionError:
             raise ApiError(502, "The model server could not be reached.", code="upstream_unavailable") from None
         except openai.RateLimitError as error:
+            if error.code == "insufficient_quota":
+                # Our account is out of credit: retrying will not help, and only the operator can fix it.
+                log.error("the model server says genapi's account is out of quota: check the OPENAI_API_KEY account")
+                message = "The model server's quota for this service is used up."
+                raise ApiError(502, message, code="upstream_quota_exceeded") from None
             raise ApiError(
                 503,
                 "The model server is rate-limiting or overloaded; retry after the Retry-After header's seconds.",
@@ -156,6 +165,10 @@ class OpenAIProvider:
             )
             raise ApiError(502, "The model server refused this service's credentials.", code="upstream_auth") from None
         except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as error:
+            if error.status_code == 404 and upstream_error_detail(error) is None:
+                # A 404 without an OpenAI error came from a server with no such route: OPENAI_BASE_URL is wrong.
+                log.error("the model server has no /chat/completions (HTTP 404): check OPENAI_BASE_URL")
+                raise ApiError(502, "The model server failed (HTTP 404).", code="upstream_error") from None
             raise ApiError(
                 400,
                 f"The model server rejected the request: {self._redact(upstream_message(error))}",
@@ -165,7 +178,9 @@ class OpenAIProvider:
             raise ApiError(
                 502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error"
             ) from None
-        except (json.JSONDecodeError, ValueError, TypeError):
+        try:
+            completion = response.json()
+        except ValueError:  # json.JSONDecodeError, or a body that is not text
             raise ApiError(502, "The model server's answer was not valid JSON.", code="upstream_bad_response") from None
         upstream_ms = (time.perf_counter() - started) * 1000
         return self._to_completion(completion, response.headers.get("x-request-id"), upstream_ms)
@@ -198,106 +213,6 @@ class OpenAIProvider:
 def token_count(value) -> int:
     """A usage count from the upstream's JSON; anything but a non-negative integer counts as 0."""
     return value if type(value) is int and value >= 0 else 0
-
-
-class ConnectionPerCallTransport(httpx2.BaseTransport):
-    """An httpx2 transport that lends each upstream call a kept-alive connection of its own, at a constant cost.
-
-    httpcore2's connection pool walks all its connections twice per call, probing the socket of every idle one, to
-    choose which to reuse and which to close. With a connection kept alive per call in flight, that walk grew with
-    the load: at 250 calls in flight per worker it was most of the difference between a worker's CPU per request
-    at 32 and at 500 clients (README, "Where the CPU goes"). Here every idle connection waits in a transport of its
-    own (httpx2's, limited to one connection) in a deque: a call takes the newest, or makes one, and puts it back
-    when its response is closed. httpcore2 still checks that one connection (keep-alive expiry, closed by the
-    server) before using it, and each put-back closes the oldest idle connection once it has outlived the
-    keep-alive expiry, so a burst's connections do not stay open for good once the load falls.
-    """
-
-    def __init__(self, max_idle: int, keepalive_expiry: float = 5.0, **transport_options):
-        self._max_idle = max_idle
-        self._limits = httpx2.Limits(max_connections=1, keepalive_expiry=keepalive_expiry)
-        # One SSL context for all: building one loads the CA bundle, which costs milliseconds and memory each time.
-        transport_options.setdefault("verify", httpx2.create_ssl_context())
-        self._transport_options = transport_options
-        # (idle since, transport), oldest first; deque's append and pops are atomic, so gthread's threads may share it.
-        self._idle: deque[tuple[float, httpx2.HTTPTransport]] = deque()
-        self._closed = False
-
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        try:
-            _, transport = self._idle.pop()
-        except IndexError:
-            transport = httpx2.HTTPTransport(limits=self._limits, **self._transport_options)
-        try:
-            response = transport.handle_request(request)
-        except BaseException:
-            self._put_back(transport)
-            raise
-        response.stream = _CallbackOnClose(response.stream, lambda: self._put_back(transport))
-        return response
-
-    def _put_back(self, transport: httpx2.HTTPTransport) -> None:
-        if self._closed or len(self._idle) >= self._max_idle:
-            transport.close()
-            return
-        now = time.monotonic()
-        self._idle.append((now, transport))
-        try:  # under gthread, another thread may take what this one looks at
-            if now - self._idle[0][0] > self._limits.keepalive_expiry:
-                self._idle.popleft()[1].close()
-        except IndexError:
-            pass
-
-    def close(self) -> None:
-        self._closed = True
-        while self._idle:
-            self._idle.pop()[1].close()
-
-
-class _CallbackOnClose(httpx2.SyncByteStream):
-    """A response body that runs a callback once, after the body underneath is closed."""
-
-    def __init__(self, stream, on_close):
-        self._stream, self._on_close = stream, on_close
-
-    def __iter__(self):
-        return iter(self._stream)
-
-    def close(self) -> None:
-        on_close, self._on_close = self._on_close, None
-        try:
-            self._stream.close()
-        finally:
-            if on_close is not None:
-                on_close()
-
-
-def upstream_http_client(in_flight: int, timeout: httpx2.Timeout) -> httpx2.Client:
-    """The SDK's default httpx2 client, keeping a connection alive per call in flight, each lent in constant time.
-
-    The SDK's default pool keeps only 100 idle connections; a gevent worker with 250 calls in flight would then
-    close and reopen 150 upstream connections every round.
-    """
-    return openai.DefaultHttpxClient(timeout=timeout, transport=ConnectionPerCallTransport(max_idle=in_flight))
-
-
-def probe_idle_connections_without_gevent() -> None:
-    """Let httpcore2 check idle upstream connections with the C poll, not gevent's, in a gevent worker.
-
-    Before each upstream call, and after it, httpcore2 polls every idle pooled connection (with a zero timeout) to
-    see whether the server closed it. Under gevent's monkey-patching that poll is gevent's, Python code that builds
-    watchers on the hub: with a connection kept per in-flight request it was a fifth of the service's CPU per
-    request (README, "Where the CPU goes"). A zero-timeout poll never blocks, so the original is safe here.
-    """
-    import select
-
-    import httpcore2._utils
-    from gevent import monkey
-
-    if monkey.is_module_patched("select"):
-        httpcore2._utils.select = SimpleNamespace(
-            poll=monkey.get_original("select", "poll"), POLLIN=select.POLLIN, select=select.select
-        )
 
 
 def build_provider(settings: Settings, http_client: httpx2.Client | None = None):

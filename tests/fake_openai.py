@@ -20,6 +20,8 @@ NOT_JSON = "not_json"  # 200 whose body is not JSON
 EMPTY_CHOICES = "empty_choices"  # 200 with "choices": []
 HANG = "hang"  # never answer, so the client times out
 CLOSE = "close"  # answer, then close the connection, as a server whose keep-alive timeout ran out
+TRICKLE = "trickle"  # answer at once, but send the body a few bytes at a time over TRICKLE_SECONDS
+TRICKLE_SECONDS = 3.0
 
 # A prompt containing "FAIL:<status>" is answered with that status whatever the script says, so a test of
 # concurrent calls can pick the failing one by its content rather than by call order.
@@ -67,6 +69,10 @@ def completion_body(request_body: dict, request_id: int) -> dict:
 
 class ClosingAnswer(bytes):
     """An answer after which the server closes the connection, without saying so in a header."""
+
+
+class TrickledAnswer(bytes):
+    """An answer whose body comes a few bytes at a time, each piece in time for a per-read timeout."""
 
 
 def http_response(status: int, body: bytes, headers: dict | None = None, content_type="application/json") -> bytes:
@@ -143,8 +149,11 @@ class FakeOpenAI:
                     answer = http_response(404, b'{"error":{"message":"no such route"}}')
                 if answer is None:  # DROP
                     break
-                writer.write(answer)
-                await writer.drain()
+                if isinstance(answer, TrickledAnswer):
+                    await self._trickle(answer, writer)
+                else:
+                    writer.write(answer)
+                    await writer.drain()
                 if isinstance(answer, ClosingAnswer):
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -181,7 +190,20 @@ class FakeOpenAI:
             error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
             return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
         answer = http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
+        if behaviour == TRICKLE:
+            return TrickledAnswer(answer)
         return ClosingAnswer(answer) if behaviour == CLOSE else answer
+
+    @staticmethod
+    async def _trickle(answer: bytes, writer: asyncio.StreamWriter, pieces: int = 10) -> None:
+        head_end = answer.index(b"\r\n\r\n") + 4
+        writer.write(answer[:head_end])
+        body = answer[head_end:]
+        size = -(-len(body) // pieces)
+        for start in range(0, len(body), size):
+            await asyncio.sleep(TRICKLE_SECONDS / pieces)
+            writer.write(body[start : start + size])
+            await writer.drain()
 
     async def _wait(self, seconds: float) -> None:
         """Wait out the delay, counting the calls that wait at once (a HANG never gets here, so never counts)."""

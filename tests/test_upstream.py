@@ -6,12 +6,15 @@ its exception classes and its retries.
 
 import httpx2
 import pytest
+from openai import _base_client as openai_base_client
+
+from config import SDK_INITIAL_RETRY_DELAY
 
 from tests.conftest import UPSTREAM_KEY, USER_KEY
 
 
-def upstream_error(status, message="upstream says no", headers=None):
-    body = {"error": {"message": message, "type": "x", "param": None, "code": None}}
+def upstream_error(status, message="upstream says no", headers=None, code=None):
+    body = {"error": {"message": message, "type": "x", "param": None, "code": code}}
     return httpx2.Response(status, json=body, headers=headers)
 
 
@@ -94,6 +97,47 @@ def test_upstream_422_is_400(generate, upstream):
     check_error_then_recovery(generate, 400, "upstream_rejected_request")
 
 
+def test_upstream_out_of_quota_is_502_without_retry_after_and_is_logged(generate, upstream, caplog):
+    upstream.then(upstream_error(429, "You exceeded your current quota", code="insufficient_quota"))
+    response = check_error_then_recovery(generate, 502, "upstream_quota_exceeded")
+    assert "Retry-After" not in response.headers
+    assert "out of quota" in caplog.text
+
+
+def test_upstream_404_with_an_openai_error_is_400_with_its_explanation(generate, upstream):
+    upstream.then(upstream_error(404, "The model `gpt-9` does not exist", code="model_not_found"))
+    response = check_error_then_recovery(generate, 400, "upstream_rejected_request")
+    assert "gpt-9" in response.get_json()["error"]["message"]
+
+
+def test_upstream_404_from_a_route_it_lacks_is_502_and_blames_the_base_url_in_the_log(generate, upstream, caplog):
+    upstream.then(httpx2.Response(404, text="404 page not found"))
+    check_error_then_recovery(generate, 502, "upstream_error")
+    assert "check OPENAI_BASE_URL" in caplog.text
+
+
+def test_a_placeholder_upstream_key_is_not_redacted_from_the_upstreams_explanation(make_app, upstream):
+    client = make_app(openai_api_key="none").test_client()
+    upstream.then(upstream_error(400, "none of the messages may be empty"))
+    response = client.post("/generate", json={"prompt": "hi"}, headers={"X-API-KEY": USER_KEY})
+    assert "none of the messages may be empty" in response.get_json()["error"]["message"]
+
+
+def test_the_real_upstream_key_is_redacted_from_the_upstreams_explanation(generate, upstream):
+    upstream.then(upstream_error(400, f"key {UPSTREAM_KEY} may not ask for this"))
+    message = generate().get_json()["error"]["message"]
+    assert UPSTREAM_KEY not in message
+    assert "[redacted]" in message
+
+
+def test_a_bug_on_the_way_to_the_upstream_is_a_500_not_blamed_on_the_upstream(app, client, monkeypatch):
+    provider = app.extensions["genapi"]["provider"]
+    monkeypatch.setattr(provider.client, "post", lambda *args, **kwargs: int("not a number"))
+    response = client.post("/generate", json={"prompt": "hi"}, headers={"X-API-KEY": USER_KEY})
+    assert response.status_code == 500
+    assert response.get_json()["error"]["code"] == "internal_error"
+
+
 def test_upstream_body_that_is_not_json_is_502(generate, upstream):
     upstream.then(httpx2.Response(200, content=b"<html>oops</html>", headers={"content-type": "application/json"}))
     check_error_then_recovery(generate, 502, "upstream_bad_response")
@@ -130,6 +174,17 @@ def test_a_5xx_then_success_is_retried_into_a_200(make_app, upstream):
     assert upstream.calls == 2
 
 
+def test_a_retry_waits_the_sdks_back_off_not_the_upstreams_retry_after(make_app, upstream, monkeypatch):
+    waits = []
+    monkeypatch.setattr(openai_base_client.time, "sleep", waits.append)
+    client = make_app(openai_max_retries=1).test_client()
+    upstream.then(upstream_error(503, headers={"retry-after": "60"}))
+    response = client.post("/generate", json={"prompt": "hi"}, headers={"X-API-KEY": USER_KEY})
+    assert response.status_code == 200
+    (wait,) = waits
+    assert wait <= SDK_INITIAL_RETRY_DELAY  # the SDK's first back-off (less its jitter), which fits Heroku's 30 s
+
+
 def test_timeouts_and_dropped_connections_are_retried(make_app, upstream):
     client = make_app(openai_max_retries=2).test_client()
     upstream.then(timeout, drop)
@@ -138,7 +193,7 @@ def test_timeouts_and_dropped_connections_are_retried(make_app, upstream):
     assert upstream.calls == 3
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 422, 429])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 409, 422, 429])
 def test_client_side_upstream_errors_are_never_retried(make_app, upstream, status):
     client = make_app(openai_max_retries=2).test_client()
     upstream.then(upstream_error(status))

@@ -7,10 +7,10 @@ import httpx2
 from openai import _base_client as openai_base_client
 
 from tests.conftest import USER_KEY, make_settings
-from tests.fake_openai import CLOSE, DROP
+from tests.fake_openai import CLOSE, DROP, TRICKLE, TRICKLE_SECONDS
 
 from app import create_app
-from genapi.providers import ConnectionPerCallTransport
+from genapi.upstream_http import ConnectionPerCallTransport
 
 
 CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -78,7 +78,7 @@ def test_closing_the_client_closes_its_idle_connections(fake_openai):
         assert client.get("/healthz").status_code == 200
         _, idle = transport._idle[0]
     assert not transport._idle
-    assert idle._pool.connections == []
+    assert not idle.is_open
 
 
 def test_the_connection_idle_longest_is_closed_once_it_outlives_the_keep_alive_expiry(fake_openai):
@@ -90,7 +90,7 @@ def test_the_connection_idle_longest_is_closed_once_it_outlives_the_keep_alive_e
         fake_openai.delay = 0.0
         assert chat_status(client) == 200
         assert len(transport._idle) == 1
-        assert oldest._pool.connections == []
+        assert not oldest.is_open
 
 
 def test_the_sdks_platform_probe_runs_while_the_app_is_built_so_before_gunicorn_forks(fake_openai):
@@ -99,3 +99,19 @@ def test_the_sdks_platform_probe_runs_while_the_app_is_built_so_before_gunicorn_
     assert openai_base_client.platform_headers.cache_info().currsize == 1
     assert post(app) == 200
     assert openai_base_client.platform_headers.cache_info().misses == 1
+
+
+def test_an_answer_that_trickles_in_past_openai_timeout_is_a_504_though_each_read_is_in_time(fake_openai):
+    timeout = TRICKLE_SECONDS / 3  # each piece of the body comes well inside it; the whole body does not
+    app = create_app(make_settings(openai_base_url=fake_openai.base_url, openai_timeout=timeout))
+    fake_openai.then(TRICKLE)
+    response = app.test_client().post("/generate", json={"prompt": "hi"}, headers={"X-API-KEY": USER_KEY})
+    assert response.status_code == 504
+    assert response.get_json()["error"]["code"] == "upstream_timeout"
+    assert post(app) == 200
+
+
+def test_an_answer_that_trickles_in_inside_openai_timeout_is_a_200(fake_openai):
+    app = create_app(make_settings(openai_base_url=fake_openai.base_url, openai_timeout=TRICKLE_SECONDS * 2))
+    fake_openai.then(TRICKLE)
+    assert post(app) == 200

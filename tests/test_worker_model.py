@@ -70,7 +70,7 @@ def test_idle_connection_checks_use_the_c_poll_under_gevent_and_still_see_a_clos
     import httpcore2._utils
     from gevent import monkey
 
-    from genapi.providers import probe_idle_connections_without_gevent
+    from genapi.upstream_http import probe_idle_connections_without_gevent
 
     monkeypatch.setattr(httpcore2._utils, "select", select)  # restored after the test
     monkeypatch.setattr(monkey, "is_module_patched", lambda name: name == "select")

@@ -1,0 +1,204 @@
+"""The HTTP under the OpenAI SDK: kept-alive upstream connections lent in constant time, each attempt on a deadline.
+
+The SDK is unchanged; it gets `upstream_http_client()` as its httpx2 client. Two things here reach into httpcore2,
+and a test covers each: the network backend of a one-connection transport's pool, and the `select` module its
+idle-connection check uses.
+"""
+
+import math
+import time
+from collections import deque
+from types import SimpleNamespace
+
+import httpcore2
+import httpx2
+import openai
+
+
+class ConnectionPerCallTransport(httpx2.BaseTransport):
+    """An httpx2 transport that lends each upstream call a kept-alive connection of its own, at a constant cost.
+
+    httpcore2's connection pool walks all its connections twice per call, probing the socket of every idle one, to
+    choose which to reuse and which to close. With a connection kept alive per call in flight, that walk grew with
+    the load: at 250 calls in flight per worker it was most of the difference between a worker's CPU per request
+    at 32 and at 500 clients (README, "Where the CPU goes"). Here every idle connection waits in a transport of its
+    own (httpx2's, limited to one connection) in a deque: a call takes the newest, or makes one, and puts it back
+    when its response is closed. httpcore2 still checks that one connection (keep-alive expiry, closed by the
+    server) before using it, and each put-back closes the oldest idle connection once it has outlived the
+    keep-alive expiry, so a burst's connections do not stay open for good once the load falls.
+
+    With `attempt_seconds`, each call (one attempt of the SDK's) must be over within that many seconds, from
+    connecting to the last byte of the answer: httpx2's own timeouts count each step afresh, so a slow connect
+    followed by a slow answer, or an answer that trickles in, would otherwise outlive it.
+    """
+
+    def __init__(self, max_idle: int, keepalive_expiry: float = 5.0, attempt_seconds: float | None = None, **options):
+        self._max_idle = max_idle
+        self._attempt_seconds = attempt_seconds
+        self._limits = httpx2.Limits(max_connections=1, keepalive_expiry=keepalive_expiry)
+        # One SSL context for all: building one loads the CA bundle, which costs milliseconds and memory each time.
+        options.setdefault("verify", httpx2.create_ssl_context())
+        self._transport_options = options
+        # (idle since, connection), oldest first; deque's append and pops are atomic, so gthread's threads may share it.
+        self._idle: deque[tuple[float, KeptConnection]] = deque()
+        self._closed = False
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            _, connection = self._idle.pop()
+        except IndexError:
+            connection = KeptConnection(self._limits, self._transport_options)
+        if self._attempt_seconds is not None:
+            connection.deadline.at = time.monotonic() + self._attempt_seconds
+        try:
+            response = connection.transport.handle_request(request)
+        except BaseException:
+            self._put_back(connection)
+            raise
+        response.stream = _CallbackOnClose(response.stream, lambda: self._put_back(connection))
+        return response
+
+    def _put_back(self, connection: "KeptConnection") -> None:
+        connection.deadline.at = math.inf
+        if self._closed or len(self._idle) >= self._max_idle:
+            connection.close()
+            return
+        now = time.monotonic()
+        self._idle.append((now, connection))
+        if self._closed:  # close() ran between the check above and the append
+            self.close()
+            return
+        try:  # under gthread, another thread may take what this one looks at
+            if now - self._idle[0][0] > self._limits.keepalive_expiry:
+                self._idle.popleft()[1].close()
+        except IndexError:
+            pass
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            try:
+                self._idle.pop()[1].close()
+            except IndexError:  # another thread emptied it first
+                break
+
+
+class KeptConnection:
+    """One kept-alive upstream connection: an httpx2 transport limited to it, and the deadline its I/O keeps to."""
+
+    def __init__(self, limits: httpx2.Limits, options: dict):
+        self.transport = httpx2.HTTPTransport(limits=limits, **options)
+        self.deadline = Deadline()
+        # httpx2's transport takes no network backend, but its httpcore2 pool does, and opens its connection with it.
+        self.transport._pool._network_backend = DeadlineBackend(self.deadline)
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self.transport._pool.connections)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class Deadline:
+    """When the current attempt must be over (time.monotonic()); infinite between attempts."""
+
+    def __init__(self):
+        self.at = math.inf
+
+    def bound(self, timeout: float | None, timeout_error: type[Exception]) -> float | None:
+        """The step's own timeout, shortened to the time the attempt has left; past the deadline, the timeout error."""
+        if self.at == math.inf:
+            return timeout
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise timeout_error("the upstream attempt ran out of time")
+        return left if timeout is None else min(timeout, left)
+
+
+class DeadlineBackend(httpcore2.NetworkBackend):
+    """httpcore2's socket backend, with every connect, read and write bounded by the attempt's deadline."""
+
+    def __init__(self, deadline: Deadline):
+        self._backend = httpcore2.SyncBackend()
+        self._deadline = deadline
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
+        stream = self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        return DeadlineStream(stream, self._deadline)
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
+        return DeadlineStream(self._backend.connect_unix_socket(path, timeout, socket_options), self._deadline)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class DeadlineStream(httpcore2.NetworkStream):
+    def __init__(self, stream: httpcore2.NetworkStream, deadline: Deadline):
+        self._stream, self._deadline = stream, deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._deadline.bound(timeout, httpcore2.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._deadline.bound(timeout, httpcore2.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> "DeadlineStream":
+        timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
+        return DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, timeout), self._deadline)
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)
+
+
+class _CallbackOnClose(httpx2.SyncByteStream):
+    """A response body that runs a callback once, after the body underneath is closed."""
+
+    def __init__(self, stream, on_close):
+        self._stream, self._on_close = stream, on_close
+
+    def __iter__(self):
+        return iter(self._stream)
+
+    def close(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        try:
+            self._stream.close()
+        finally:
+            if on_close is not None:
+                on_close()
+
+
+def upstream_http_client(in_flight: int, timeout: httpx2.Timeout, attempt_seconds: float) -> httpx2.Client:
+    """The SDK's default httpx2 client, keeping a connection alive per call in flight, each lent in constant time.
+
+    The SDK's default pool keeps only 100 idle connections; a gevent worker with 250 calls in flight would then
+    close and reopen 150 upstream connections every round.
+    """
+    transport = ConnectionPerCallTransport(max_idle=in_flight, attempt_seconds=attempt_seconds)
+    return openai.DefaultHttpxClient(timeout=timeout, transport=transport)
+
+
+def probe_idle_connections_without_gevent() -> None:
+    """Let httpcore2 check idle upstream connections with the C poll, not gevent's, in a gevent worker.
+
+    Before each upstream call, and after it, httpcore2 polls every idle pooled connection (with a zero timeout) to
+    see whether the server closed it. Under gevent's monkey-patching that poll is gevent's, Python code that builds
+    watchers on the hub: with a connection kept per in-flight request it was a fifth of the service's CPU per
+    request (README, "Where the CPU goes"). A zero-timeout poll never blocks, so the original is safe here.
+    """
+    import select
+
+    import httpcore2._utils
+    from gevent import monkey
+
+    if monkey.is_module_patched("select"):
+        httpcore2._utils.select = SimpleNamespace(
+            poll=monkey.get_original("select", "poll"), POLLIN=select.POLLIN, select=select.select
+        )
