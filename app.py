@@ -40,11 +40,10 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 def create_app(settings: Settings | None = None, http_client: httpx2.Client | None = None) -> Flask:
     """Build the app from settings (read from the environment when not given); http_client is for tests."""
-    # Under the flask command line (create-key, routes) nothing is served, so no client key is needed yet.
-    settings = settings or load_settings(serving=click.get_current_context(silent=True) is None)
+    settings = settings or load_settings(serving=will_serve())
     configure_logging(settings.log_level)
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no static files: every route is in the OpenAPI document
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     # Flask's automatic OPTIONS answers are empty HTML pages; an OPTIONS request gets the JSON 405 with Allow instead.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -83,6 +82,15 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     if redis_state:
         log.info("rate limits and the cache are shared through Redis at %s", redis_state.url)
     return app
+
+
+def will_serve() -> bool:
+    """Whether this process serves requests: under gunicorn or `flask run`, not under `flask create-key` or `routes`.
+
+    The first key is made with `flask create-key` before any is set; a server without one must refuse to start.
+    """
+    command = click.get_current_context(silent=True)
+    return command is None or command.info_name == "run"
 
 
 def state(name: str):
@@ -144,7 +152,6 @@ def wants_fresh_answer() -> bool:
 
 def complete(generation: Generation) -> Completion:
     """The provider's completion, counted in the metrics and kept for the request's log line."""
-    g.generation = generation
     try:
         completion = state("provider").complete(generation)
     except ApiError as error:
@@ -157,6 +164,8 @@ def complete(generation: Generation) -> Completion:
 
 def answer(client: Client, generation: Generation, answer_id: str, fresh: bool) -> dict:
     """One prompt's success body: from the cache when it holds one, else from the provider, then cached."""
+    # What was asked and answered, for the request's log line with LOG_PROMPTS=true; the output once there is one.
+    g.exchange = {"prompt": generation.prompt, "system": generation.system, "output": None}
     cache = state("cache")
     key = cache_key(client.name, generation) if cache else None
     stored = cache.get(key) if cache and not fresh else None
@@ -179,6 +188,7 @@ def answer(client: Client, generation: Generation, answer_id: str, fresh: bool) 
         }
         if cache:
             cache.put(key, stored)
+    g.exchange["output"] = stored["response"]
     # GenerateResponse's fields, in its order; built as a dict because every value is already checked, and the
     # model's own construction would cost a few per cent of a request's CPU (tests check the shape against it).
     return stored | {"id": answer_id, "cached": cached}
@@ -220,6 +230,7 @@ def generate_batch():
     # The request's log line counts the whole batch: its tokens, its slowest upstream call, all cached or not.
     g.completion = combined([completion for _, completion in outcomes if completion])
     g.cached = all(result.get("cached") for result in results)
+    g.exchange = {"prompt": body.prompts, "system": body.system, "output": [result.get("response") for result in results]}
     return jsonify(results=results)
 
 

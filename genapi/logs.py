@@ -79,9 +79,8 @@ def log_request(status: int, seconds: float, log_prompts: bool) -> None:
         "upstream_request_id": completion.upstream_request_id if completion else None,
         "pid": current_pid(),
     }
-    generation = g.get("generation")
-    if log_prompts and generation:
-        fields |= {"prompt": generation.prompt, "system": generation.system, "output": completion and completion.text}
+    if log_prompts and "exchange" in g:  # a batch's are lists, a prompt each
+        fields |= g.exchange
     level = logging.ERROR if status >= 500 else logging.INFO
     request_log.log(level, "%s %s %s", request.method, request.path, status, extra={"fields": fields})
 

@@ -52,7 +52,7 @@ def count_upstream_error(code: str | None) -> None:
 
 
 def count_cache_lookup(hit: bool) -> None:
-    """For the response cache to call on every lookup."""
+    """Count one cache lookup, a hit or a miss, whenever a request could be answered from the cache."""
     CACHE_LOOKUPS.labels("hit" if hit else "miss").inc()
 
 

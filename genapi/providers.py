@@ -151,11 +151,13 @@ class OpenAIProvider:
                 log.error("the model server says genapi's account is out of quota: check the OPENAI_API_KEY account")
                 message = "The model server's quota for this service is used up."
                 raise ApiError(502, message, code="upstream_quota_exceeded") from None
+            # The seconds are in the message too: a batch's failed prompt has no header of its own.
+            seconds = retry_after_seconds(error.response.headers)
             raise ApiError(
                 503,
-                "The model server is rate-limiting or overloaded; retry after the Retry-After header's seconds.",
+                f"The model server is rate-limiting or overloaded; retry after {seconds} seconds.",
                 code="upstream_rate_limited",
-                headers={"Retry-After": retry_after_seconds(error.response.headers)},
+                headers={"Retry-After": seconds},
             ) from None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
             # Our own OPENAI_API_KEY is wrong: the operator must know, the client must learn nothing about the key.

@@ -59,6 +59,18 @@ def test_a_failing_prompt_shows_its_error_in_place_and_the_others_succeed(make_a
     assert results[2]["response"] == "echo: three"
 
 
+def test_a_prompt_the_upstream_rate_limited_says_how_long_to_wait_in_its_message(make_app, upstream):
+    def limit_two(request):
+        return upstream_error(429, headers={"retry-after": "7"}) if b"two" in request.content else upstream.ok(request)
+
+    upstream.then(limit_two, limit_two, limit_two)
+    response = post_batch(make_app().test_client())
+    assert response.status_code == 200
+    error = response.get_json()["results"][1]["error"]
+    assert error["code"] == "upstream_rate_limited"
+    assert "retry after 7 seconds" in error["message"]
+
+
 def test_batch_prompts_are_served_from_the_cache_when_they_can_be(make_app, upstream):
     client = make_app(cache_ttl=60).test_client()
     client.post("/generate", json={"prompt": "two"}, headers={"X-API-KEY": USER_KEY})

@@ -74,6 +74,33 @@ def test_prompt_and_output_are_logged_with_log_prompts_true(make_app, quiet):
     assert USER_KEY not in json.dumps(line)
 
 
+def test_a_cached_answer_is_logged_with_its_prompt_and_output_with_log_prompts_true(make_app, quiet):
+    client = make_app(log_prompts=True, cache_ttl=60).test_client()
+    for _ in range(2):
+        client.post("/generate", json={"prompt": "Tell me a joke."}, headers={"X-API-KEY": USER_KEY})
+    first, second = request_lines(quiet)
+    assert second["cached"] is True
+    assert (second["prompt"], second["output"]) == (first["prompt"], first["output"]) == (
+        "Tell me a joke.", "echo: Tell me a joke.")
+
+
+def test_a_batch_is_logged_with_each_prompt_and_output_with_log_prompts_true(make_app, quiet):
+    client = make_app(log_prompts=True).test_client()
+    client.post("/generate/batch", json={"prompts": ["one", "two"], "system": "Be brief."}, headers={"X-API-KEY": USER_KEY})
+    [line] = request_lines(quiet)
+    assert line["prompt"] == ["one", "two"]
+    assert line["system"] == "Be brief."
+    assert line["output"] == ["echo: one", "echo: two"]
+
+
+def test_a_failed_call_is_logged_with_its_prompt_and_no_output_with_log_prompts_true(make_app, upstream, quiet):
+    client = make_app(log_prompts=True).test_client()
+    upstream.then(drop)
+    client.post("/generate", json={"prompt": "Tell me a joke."}, headers={"X-API-KEY": USER_KEY})
+    [line] = request_lines(quiet)
+    assert (line["status"], line["prompt"], line["output"]) == (502, "Tell me a joke.", None)
+
+
 def test_server_errors_are_logged_at_error_level(generate, upstream, quiet):
     upstream.then(drop)
     generate()

@@ -114,3 +114,14 @@ def test_create_key_runs_from_the_flask_command_before_any_key_is_set(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "entry: first:sha256:" in result.stdout
+
+
+def test_flask_run_without_client_keys_refuses_to_start_like_gunicorn(tmp_path):
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OPENAI_API_KEY": "sk-not-used"}
+    flask = Path(sys.executable).parent / "flask"
+    result = subprocess.run(
+        [str(flask), "--app", "app", "run", "--port", "1"],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "never runs open" in result.stderr
