@@ -1,12 +1,15 @@
 """GET /openapi.json: a valid OpenAPI 3.1 document, made from the same models and settings that validate requests."""
 
 import re
+from pathlib import Path
 
 from openapi_spec_validator import validate
 
-from genapi.errors import ERROR_TYPES
+from genapi.errors import ERROR_TYPES, HTTP_ERROR_CODES
+from genapi.openapi import ERROR_MEANINGS
 from tests.conftest import USER_KEY
 
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def document(client) -> dict:
@@ -94,3 +97,17 @@ def test_the_documents_not_blank_pattern_and_the_check_agree_on_every_white_spac
     for character in white_space + ["\ufeff"]:
         accepted = client.post("/generate", json={"prompt": character}, headers={"X-API-KEY": USER_KEY})
         assert (accepted.status_code == 200) == bool(re.search(pattern, character)), repr(character)
+
+
+def test_every_error_code_genapi_gives_is_explained_in_the_openapi_document_and_the_readme():
+    source = "".join(path.read_text() for path in [ROOT / "app.py", *sorted((ROOT / "genapi").glob("*.py"))])
+    codes = set(re.findall(r'code="([a-z_]+)"', source))
+    codes |= set(re.findall(r'too_many_requests\(message, "([a-z_]+)"', source))
+    codes |= set(HTTP_ERROR_CODES.values())
+    assert {"upstream_timeout", "rate_limit_exceeded", "too_many_auth_failures", "not_found"} <= codes
+    explained = " ".join(ERROR_MEANINGS.values())
+    readme = (ROOT / "README.md").read_text()
+    errors_table = readme[readme.index("### Errors") : readme.index("## Configuration")]
+    for code in codes:
+        assert f"({code}" in explained or f" {code}," in explained or f" {code})" in explained, code
+        assert f"`{code}`" in errors_table, code
