@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import click
 import httpx2
 from flask import Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings, split_list
@@ -126,7 +127,11 @@ def read_json_body(model):
     """The validated body: 415 unless it is declared JSON; 400, 413 and 422 come from reading and parsing it."""
     if not request.is_json:
         raise ApiError(415, "The body must be JSON, sent with Content-Type: application/json.", code="unsupported_media_type")
-    return parse_body(model, request.get_data(cache=False))
+    body = request.get_data(cache=False)
+    # A chunked body has no Content-Length to refuse up front, and Werkzeug stops reading it at the limit, silently.
+    if request.content_length is None and len(body) >= request.max_content_length:
+        raise RequestEntityTooLarge()
+    return parse_body(model, body)
 
 
 def generation_from(options, prompt: str, client: Client) -> Generation:

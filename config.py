@@ -173,7 +173,7 @@ class Settings(BaseSettings):
 
     @property
     def has_client_keys(self) -> bool:
-        return bool(self.api_keys.get_secret_value().strip() or self.admin_api_keys.get_secret_value().strip())
+        return bool(split_list(self.api_keys.get_secret_value()) or split_list(self.admin_api_keys.get_secret_value()))
 
 
 def settings_error_message(error: ValidationError) -> str:

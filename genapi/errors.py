@@ -2,7 +2,7 @@
 
 import logging
 
-from flask import Flask, current_app, jsonify
+from flask import Flask, current_app, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("genapi")
@@ -47,6 +47,7 @@ class ApiError(Exception):
 
 
 def error_response(error: ApiError):
+    g.error_code = error.code  # for the request's log line
     response = jsonify(error.body())
     response.status_code = error.status
     response.headers.update(error.headers)

@@ -71,6 +71,7 @@ def log_request(status: int, seconds: float, log_prompts: bool) -> None:
         "method": request.method,
         "path": request.path,  # never the query string, where a careless client may have put its key
         "status": status,
+        "error_code": g.get("error_code"),
         "duration_ms": round(seconds * 1000, 2),
         "upstream_ms": round(completion.upstream_ms, 2) if completion else None,
         "prompt_tokens": completion.prompt_tokens if completion else None,

@@ -19,6 +19,8 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 # Requests that match no route share one label, so a scanner's random paths cannot grow the series without bound.
 UNMATCHED_ROUTE = "unmatched"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+OTHER_METHOD = "other"
 
 # From a cache hit (milliseconds) to Heroku's 30 s router limit.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30)
@@ -37,6 +39,8 @@ RATE_LIMITED = Counter("genapi_rate_limited", "Requests refused with 429 by a ra
 
 def count_request(route: str | None, method: str, status: int, seconds: float) -> None:
     route = route or UNMATCHED_ROUTE
+    # Any client can send any method name; each would become a series of its own.
+    method = method if method in HTTP_METHODS else OTHER_METHOD
     REQUESTS.labels(route, method, str(status)).inc()
     REQUEST_SECONDS.labels(route).observe(seconds)
 

@@ -87,6 +87,18 @@ def retry_after_seconds(headers, default: int = 5) -> str:
     return str(default)
 
 
+def overloaded(error: openai.APIStatusError) -> ApiError:
+    """A 503 that tells the client when to come back, for an upstream that is rate-limiting or overloaded."""
+    # The seconds are in the message too: a batch's failed prompt has no header of its own.
+    seconds = retry_after_seconds(error.response.headers)
+    return ApiError(
+        503,
+        f"The model server is rate-limiting or overloaded; retry after {seconds} seconds.",
+        code="upstream_rate_limited",
+        headers={"Retry-After": seconds},
+    )
+
+
 def upstream_error_detail(error: openai.APIStatusError) -> dict | None:
     """The OpenAI-shaped error the upstream answered with ({"message": ...}), if it answered with one."""
     body = error.body.get("error", error.body) if isinstance(error.body, dict) else None
@@ -151,14 +163,7 @@ class OpenAIProvider:
                 log.error("the model server says genapi's account is out of quota: check the OPENAI_API_KEY account")
                 message = "The model server's quota for this service is used up."
                 raise ApiError(502, message, code="upstream_quota_exceeded") from None
-            # The seconds are in the message too: a batch's failed prompt has no header of its own.
-            seconds = retry_after_seconds(error.response.headers)
-            raise ApiError(
-                503,
-                f"The model server is rate-limiting or overloaded; retry after {seconds} seconds.",
-                code="upstream_rate_limited",
-                headers={"Retry-After": seconds},
-            ) from None
+            raise overloaded(error) from None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
             # Our own OPENAI_API_KEY is wrong: the operator must know, the client must learn nothing about the key.
             log.error(
@@ -177,6 +182,8 @@ class OpenAIProvider:
                 code="upstream_rejected_request",
             ) from None
         except openai.APIStatusError as error:
+            if error.status_code == 503:  # still overloaded after the SDK's retries: the client should come back later
+                raise overloaded(error) from None
             raise ApiError(
                 502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error"
             ) from None

@@ -121,6 +121,9 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
     return {"GenerateRequest": GenerateRequest, "BatchRequest": BatchRequest}
 
 
+MAX_LISTED_PROBLEMS = 20
+
+
 def parse_body(model: type[BaseModel], raw: bytes):
     """Validate a raw JSON body against a model: 400 when it is not a JSON object, 422 when a field is wrong."""
     try:
@@ -131,8 +134,12 @@ def parse_body(model: type[BaseModel], raw: bytes):
             raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
         if any(p["type"] == "model_type" and not p["loc"] for p in problems):
             raise ApiError(400, "The body must be a JSON object.", code="invalid_json") from None
-        fields = [{"param": ".".join(str(part) for part in p["loc"]), "message": p["msg"]} for p in problems]
+        # A body of thousands of unknown fields must not get an answer several times its size.
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        fields = [{"param": ".".join(str(part) for part in p["loc"]), "message": p["msg"]} for p in listed]
         summary = "; ".join(f"{f['param']}: {f['message']}" for f in fields)
+        if len(problems) > len(listed):
+            summary += f"; and {len(problems) - len(listed)} more"
         raise ApiError(
             422, f"Invalid request: {summary}", code="validation_error", param=fields[0]["param"], fields=fields
         ) from None

@@ -147,3 +147,9 @@ def test_every_setting_is_in_the_readme_env_example_and_app_json():
     assert set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE)) == variables
     # Heroku sets PORT itself.
     assert set(json.loads((ROOT / "app.json").read_text())["env"]) == variables - {"PORT"}
+
+
+def test_api_keys_of_only_commas_and_spaces_count_as_no_key(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv("API_KEYS", " , ")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    assert "never runs open" in start_up_error(capsys)

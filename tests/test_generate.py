@@ -1,5 +1,6 @@
 """POST /generate: the success body, the request fields, and validation (422, 400, 415, 413)."""
 
+import io
 import json
 
 from genapi.schemas import GenerateResponse
@@ -114,6 +115,15 @@ def test_each_failing_field_is_listed(generate, upstream):
     assert set(params) == {"max_tokens", "temperature"}
 
 
+def test_a_body_of_many_unknown_fields_gets_a_422_listing_only_the_first_twenty(generate, upstream):
+    response = generate(**{f"field{n}": n for n in range(500)})
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert len(error["fields"]) == 20
+    assert error["message"].endswith("; and 480 more")
+    assert upstream.calls == 0
+
+
 def test_model_outside_allowed_models_is_422_naming_the_allowed_ones(make_app, upstream):
     client = make_app(allowed_models="small,large").test_client()
     response = client.post("/generate", json={"prompt": "x", "model": "huge"}, headers={"X-API-KEY": USER_KEY})
@@ -157,6 +167,25 @@ def test_body_over_max_content_length_is_413(make_app, upstream):
     assert response.status_code == 413
     assert response.get_json()["error"]["code"] == "body_too_large"
     assert upstream.calls == 0
+
+
+def post_chunked(client, body: bytes):
+    """A body sent with Transfer-Encoding: chunked, as gunicorn hands it over: no length, a terminated stream."""
+    return client.post(
+        "/generate", input_stream=io.BytesIO(body), environ_overrides={"wsgi.input_terminated": True},
+        headers={"X-API-KEY": USER_KEY, "Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    )
+
+
+def test_chunked_body_over_max_content_length_is_413_even_when_its_start_is_valid_json(make_app, upstream):
+    response = post_chunked(make_app(max_content_length=2048).test_client(), b'{"prompt": "hi"}' + b" " * 4096)
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "body_too_large"
+    assert upstream.calls == 0
+
+
+def test_chunked_body_under_max_content_length_is_answered(make_app):
+    assert post_chunked(make_app(max_content_length=2048).test_client(), b'{"prompt": "hi"}').status_code == 200
 
 
 def test_unknown_route_is_404_json(client):

@@ -108,6 +108,15 @@ def test_server_errors_are_logged_at_error_level(generate, upstream, quiet):
     assert (line["status"], line["level"]) == (502, "ERROR")
 
 
+def test_an_errors_code_is_in_its_log_line_and_a_success_has_none(generate, upstream, quiet):
+    upstream.then(drop)
+    generate()
+    generate()
+    failed, succeeded = request_lines(quiet)
+    assert (failed["status"], failed["error_code"]) == (502, "upstream_unavailable")
+    assert (succeeded["status"], succeeded["error_code"]) == (200, None)
+
+
 def test_other_log_records_are_json_too(make_app, quiet):
     make_app(llm_provider="mock")  # warns that answers come from the mock
     lines = [json.loads(line) for line in quiet.readouterr().out.splitlines()]

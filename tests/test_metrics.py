@@ -62,6 +62,15 @@ def test_unknown_paths_share_one_route_label(client):
     assert sample("genapi_requests_total", route=metrics.UNMATCHED_ROUTE, method="GET", status="404") == before + 2
 
 
+def test_made_up_methods_share_one_method_label(client):
+    before = sample("genapi_requests_total", route=metrics.UNMATCHED_ROUTE, method="other", status="405")
+    client.open("/healthz", method="RANDOM1")
+    client.open("/healthz", method="RANDOM2")
+    assert sample("genapi_requests_total", route=metrics.UNMATCHED_ROUTE, method="other", status="405") == before + 2
+    made_up = {"route": metrics.UNMATCHED_ROUTE, "method": "RANDOM1", "status": "405"}
+    assert REGISTRY.get_sample_value("genapi_requests_total", made_up) is None
+
+
 def test_tokens_and_upstream_latency_are_counted(generate):
     tokens_in = sample("genapi_tokens_total", direction="in")
     tokens_out = sample("genapi_tokens_total", direction="out")

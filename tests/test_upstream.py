@@ -73,6 +73,16 @@ def test_upstream_500_is_502(generate, upstream):
     check_error_then_recovery(generate, 502, "upstream_error")
 
 
+def test_upstream_503_after_the_retries_is_503_with_retry_after(make_app, upstream):
+    client = make_app(openai_max_retries=1).test_client()
+    upstream.then(upstream_error(503), upstream_error(503, headers={"retry-after": "9"}))
+    response = client.post("/generate", json={"prompt": "hi"}, headers={"X-API-KEY": USER_KEY})
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "upstream_rate_limited"
+    assert response.headers["Retry-After"] == "9"
+    assert upstream.calls == 2
+
+
 def test_upstream_401_is_502_and_hides_its_message_and_the_key(generate, upstream, caplog):
     upstream.then(upstream_error(401, f"Incorrect API key provided: {UPSTREAM_KEY}"))
     response = check_error_then_recovery(generate, 502, "upstream_auth")
