@@ -95,7 +95,7 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
 
     class GenerationOptions(BaseModel):
         # strict: "10" is not a number; forbid: a misspelt field is an error, not silently ignored.
-        model_config = ConfigDict(extra="forbid", strict=True)
+        model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
         max_tokens: WholeNumber = Field(default=50, ge=1, le=max_tokens_limit, description="Most tokens to generate.")
         temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature.")

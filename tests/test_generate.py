@@ -105,6 +105,14 @@ def test_temperature_out_of_range_is_422(generate, upstream):
     assert_422(generate(temperature=2.5), "temperature", upstream)
 
 
+def test_temperature_nan_is_422_asking_for_a_finite_number(client, upstream):
+    body = b'{"prompt": "hi", "temperature": NaN}'
+    response = client.post("/generate", data=body, headers={"X-API-KEY": USER_KEY, "Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert "finite number" in response.get_json()["error"]["message"]
+    assert upstream.calls == 0
+
+
 def test_unknown_field_is_422(generate, upstream):
     assert_422(generate(max_token=10), "max_token", upstream)
 
