@@ -112,20 +112,20 @@ def test_in_flight_requests_per_worker_follow_the_worker_class(clean_env, server
     assert settings.in_flight_per_worker == in_flight
 
 
-def test_redis_url_with_a_port_that_is_not_a_number_stops_start_up(clean_env, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "variable, url, password",
+    [("REDIS_URL", "redis://:secret-pw@localhost:notaport/0", "secret-pw"),
+     ("OPENAI_BASE_URL", "https://user:url-secret@proxy.example/v1", "url-secret")],
+    ids=["redis port that is not a number", "base url that holds a password"],
+)
+def test_a_wrong_url_stops_start_up_naming_it_without_showing_its_password(
+    clean_env, monkeypatch, capsys, variable, url, password
+):
     monkeypatch.setenv("API_KEYS", "k")
-    monkeypatch.setenv("REDIS_URL", "redis://:secret-pw@localhost:notaport/0")
+    monkeypatch.setenv(variable, url)
     error = start_up_error(capsys)
-    assert "REDIS_URL" in error
-    assert "secret-pw" not in error
-
-
-def test_base_url_with_a_password_stops_start_up_without_showing_it(clean_env, monkeypatch, capsys):
-    monkeypatch.setenv("API_KEYS", "k")
-    monkeypatch.setenv("OPENAI_BASE_URL", "https://user:url-secret@proxy.example/v1")
-    error = start_up_error(capsys)
-    assert "OPENAI_BASE_URL" in error
-    assert "url-secret" not in error
+    assert variable in error
+    assert password not in error
 
 
 def test_env_example_copied_to_dotenv_starts_with_the_defaults(clean_env, monkeypatch):
