@@ -128,9 +128,11 @@ def read_json_body(model):
     if not request.is_json:
         raise ApiError(415, "The body must be JSON, sent with Content-Type: application/json.", code="unsupported_media_type")
     body = request.get_data(cache=False)
-    # A chunked body has no Content-Length to refuse up front, and Werkzeug stops reading it at the limit, silently.
+    # A chunked body has no Content-Length to refuse up front, and Werkzeug stops reading it at the limit, silently:
+    # one more byte from the server's own stream tells a body of exactly the limit from a longer one.
     if request.content_length is None and len(body) >= request.max_content_length:
-        raise RequestEntityTooLarge()
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
     return parse_body(model, body)
 
 

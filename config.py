@@ -1,7 +1,7 @@
 """genapi's settings: the one place configuration comes from.
 
-Everything is read from the environment and from a `.env` file (the environment wins), validated once at
-start-up, so that a wrong value stops the process with a message naming the variable.
+Everything is read from the environment and from a `.env` file (the environment wins; an empty variable counts as
+unset), validated once at start-up, so that a wrong value stops the process with a message naming the variable.
 """
 
 import logging

@@ -105,6 +105,12 @@ def upstream_error_detail(error: openai.APIStatusError) -> dict | None:
     return body if isinstance(body, dict) and isinstance(body.get("message"), str) else None
 
 
+def names_the_model(error: openai.APIStatusError, model: str) -> bool:
+    """Whether an upstream 404 is about the model asked for: OpenAI says so by code, Ollama and vLLM by its name."""
+    detail = upstream_error_detail(error)
+    return detail is not None and (detail.get("code") == "model_not_found" or model in detail["message"])
+
+
 def upstream_message(error: openai.APIStatusError) -> str:
     """The upstream's own explanation of a rejected request, which helps the client fix it."""
     detail = upstream_error_detail(error)
@@ -172,8 +178,9 @@ class OpenAIProvider:
             )
             raise ApiError(502, "The model server refused this service's credentials.", code="upstream_auth") from None
         except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as error:
-            if error.status_code == 404 and upstream_error_detail(error) is None:
-                # A 404 without an OpenAI error came from a server with no such route: OPENAI_BASE_URL is wrong.
+            if error.status_code == 404 and not names_the_model(error, generation.model):
+                # Not "no such model": the server has no such route (OpenAI's own "unknown_url", a plain page, ...),
+                # so OPENAI_BASE_URL is wrong, which only the operator can fix.
                 log.error("the model server has no /chat/completions (HTTP 404): check OPENAI_BASE_URL")
                 raise ApiError(502, "The model server failed (HTTP 404).", code="upstream_error") from None
             raise ApiError(

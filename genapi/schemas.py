@@ -122,6 +122,12 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
 
 
 MAX_LISTED_PROBLEMS = 20
+MAX_PARAM_CHARS = 100
+
+
+def param_name(location: tuple) -> str:
+    """A failing field's dotted path ("prompts.3"), cut short: a client chooses the names of unknown fields."""
+    return ".".join(str(part) for part in location)[:MAX_PARAM_CHARS]
 
 
 def parse_body(model: type[BaseModel], raw: bytes):
@@ -134,9 +140,9 @@ def parse_body(model: type[BaseModel], raw: bytes):
             raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
         if any(p["type"] == "model_type" and not p["loc"] for p in problems):
             raise ApiError(400, "The body must be a JSON object.", code="invalid_json") from None
-        # A body of thousands of unknown fields must not get an answer several times its size.
+        # A body of thousands of unknown fields, or of one with a huge name, must not get an answer larger than itself.
         listed = problems[:MAX_LISTED_PROBLEMS]
-        fields = [{"param": ".".join(str(part) for part in p["loc"]), "message": p["msg"]} for p in listed]
+        fields = [{"param": param_name(p["loc"]), "message": p["msg"]} for p in listed]
         summary = "; ".join(f"{f['param']}: {f['message']}" for f in fields)
         if len(problems) > len(listed):
             summary += f"; and {len(problems) - len(listed)} more"

@@ -6,6 +6,7 @@ idle-connection check uses.
 """
 
 import math
+import socket
 import time
 from collections import deque
 from types import SimpleNamespace
@@ -124,9 +125,22 @@ class DeadlineBackend(httpcore2.NetworkBackend):
         self._deadline = deadline
 
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
-        stream = self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
-        return DeadlineStream(stream, self._deadline)
+        # socket.create_connection would give each of the host's addresses the whole timeout; here they share the
+        # time the attempt has left. (The name lookup itself cannot be bounded without an event loop.)
+        try:
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            raise httpcore2.ConnectError(str(error)) from error
+        for position, (*_, address) in enumerate(addresses):
+            try:
+                ip_timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
+                stream = self._backend.connect_tcp(address[0], port, ip_timeout, local_address, socket_options)
+            except (httpcore2.ConnectError, httpcore2.ConnectTimeout):
+                if position == len(addresses) - 1:
+                    raise
+                continue
+            return DeadlineStream(stream, self._deadline)
+        raise httpcore2.ConnectError(f"{host} has no address")
 
     def connect_unix_socket(self, path, timeout=None, socket_options=None):
         timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
@@ -134,6 +148,11 @@ class DeadlineBackend(httpcore2.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
+
+
+# Small enough that a server reading slowly cannot hold one write much past the deadline; a request body is rarely
+# more than a few of them.
+WRITE_SLICE_BYTES = 16 * 1024
 
 
 class DeadlineStream(httpcore2.NetworkStream):
@@ -144,13 +163,20 @@ class DeadlineStream(httpcore2.NetworkStream):
         return self._stream.read(max_bytes, self._deadline.bound(timeout, httpcore2.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, self._deadline.bound(timeout, httpcore2.WriteTimeout))
+        # httpcore2 gives every send() of one write the same timeout; in slices, each slice gets the time left.
+        for start in range(0, len(buffer), WRITE_SLICE_BYTES):
+            piece = buffer[start : start + WRITE_SLICE_BYTES]
+            self._stream.write(piece, self._deadline.bound(timeout, httpcore2.WriteTimeout))
 
     def close(self) -> None:
         self._stream.close()
 
     def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> "DeadlineStream":
-        timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
+        try:
+            timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
+        except httpcore2.ConnectTimeout:
+            self._stream.close()  # httpcore2 closes the stream start_tls gives back, not this one
+            raise
         return DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, timeout), self._deadline)
 
     def get_extra_info(self, info: str):

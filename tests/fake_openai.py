@@ -7,6 +7,7 @@ Run it on its own for the benchmark: `python tests/fake_openai.py --port 9100 --
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -94,6 +95,8 @@ class FakeOpenAI:
         self.in_flight = 0  # chat calls waiting out the delay right now
         self.max_in_flight = 0  # the most at once since the last reset
         self._in_flight_changed = threading.Condition()
+        self.closed_connections = 0  # connections this server closed, or saw closed
+        self._connection_closed = threading.Condition()
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -109,6 +112,7 @@ class FakeOpenAI:
         self.requests.clear()
         self.calls = 0
         self.connections = 0
+        self.closed_connections = 0
         self.delay = 0.0
         self.max_in_flight = 0
 
@@ -116,6 +120,11 @@ class FakeOpenAI:
         """Block until at least `count` chat calls are in flight at once; False if that does not happen in time."""
         with self._in_flight_changed:
             return self._in_flight_changed.wait_for(lambda: self.in_flight >= count, timeout)
+
+    def wait_for_closed_connections(self, count: int, timeout: float = 30) -> bool:
+        """Block until this server has closed (or seen closed) at least `count` connections since the last reset."""
+        with self._connection_closed:
+            return self._connection_closed.wait_for(lambda: self.closed_connections >= count, timeout)
 
     def _count_in_flight(self, change: int) -> None:
         with self._in_flight_changed:
@@ -160,6 +169,11 @@ class FakeOpenAI:
             pass
         finally:
             writer.close()
+            with contextlib.suppress(ConnectionError):  # the client may have gone first
+                await writer.wait_closed()
+            with self._connection_closed:
+                self.closed_connections += 1
+                self._connection_closed.notify_all()
 
     async def _chat(self, headers: dict, body: bytes) -> bytes | None:
         self.calls += 1

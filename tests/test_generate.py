@@ -105,6 +105,13 @@ def test_temperature_out_of_range_is_422(generate, upstream):
     assert_422(generate(temperature=2.5), "temperature", upstream)
 
 
+def test_an_unknown_field_with_a_huge_name_gets_a_422_naming_it_in_short(generate, upstream):
+    response = generate(**{"x" * 100_000: 1})
+    assert response.status_code == 422
+    assert len(response.data) < 1000
+    assert response.get_json()["error"]["param"] == "x" * 100
+
+
 def test_temperature_nan_is_422_asking_for_a_finite_number(client, upstream):
     body = b'{"prompt": "hi", "temperature": NaN}'
     response = client.post("/generate", data=body, headers={"X-API-KEY": USER_KEY, "Content-Type": "application/json"})
@@ -194,6 +201,11 @@ def test_chunked_body_over_max_content_length_is_413_even_when_its_start_is_vali
 
 def test_chunked_body_under_max_content_length_is_answered(make_app):
     assert post_chunked(make_app(max_content_length=2048).test_client(), b'{"prompt": "hi"}').status_code == 200
+
+
+def test_chunked_body_of_exactly_max_content_length_is_answered(make_app):
+    body = b'{"prompt": "hi"}'.ljust(2048)
+    assert post_chunked(make_app(max_content_length=2048).test_client(), body).status_code == 200
 
 
 def test_unknown_route_is_404_json(client):

@@ -120,8 +120,21 @@ def test_upstream_404_with_an_openai_error_is_400_with_its_explanation(generate,
     assert "gpt-9" in response.get_json()["error"]["message"]
 
 
-def test_upstream_404_from_a_route_it_lacks_is_502_and_blames_the_base_url_in_the_log(generate, upstream, caplog):
-    upstream.then(httpx2.Response(404, text="404 page not found"))
+def test_upstream_404_naming_the_model_without_a_code_is_400(generate, upstream):
+    upstream.then(upstream_error(404, "model 'test-model' not found, try pulling it first"))
+    check_error_then_recovery(generate, 400, "upstream_rejected_request")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [httpx2.Response(404, text="404 page not found"),
+     upstream_error(404, "Unknown request URL: POST /chat/completions.", code="unknown_url")],
+    ids=["plain page", "openai unknown_url"],
+)
+def test_upstream_404_from_a_route_it_lacks_is_502_and_blames_the_base_url_in_the_log(
+    generate, upstream, caplog, answer
+):
+    upstream.then(answer)
     check_error_then_recovery(generate, 502, "upstream_error")
     assert "check OPENAI_BASE_URL" in caplog.text
 

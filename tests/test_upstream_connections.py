@@ -1,16 +1,21 @@
 """Upstream connections over real sockets: each call in flight gets a kept-alive connection, lent in constant time."""
 
+import math
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpcore2
 import httpx2
+import pytest
 from openai import _base_client as openai_base_client
 
 from tests.conftest import USER_KEY, make_settings
 from tests.fake_openai import CLOSE, DROP, TRICKLE, TRICKLE_SECONDS
 
 from app import create_app
-from genapi.upstream_http import ConnectionPerCallTransport
+from genapi import upstream_http
+from genapi.upstream_http import ConnectionPerCallTransport, Deadline, DeadlineBackend, DeadlineStream
 
 
 CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -54,7 +59,10 @@ def test_calls_in_flight_together_each_get_a_connection_and_keep_it_for_the_next
 def test_a_connection_the_upstream_closed_is_replaced_on_the_next_call(fake_openai):
     app = generate_app(fake_openai)
     fake_openai.then(CLOSE)
-    assert [post(app), post(app), post(app)] == [200, 200, 200]
+    assert post(app) == 200
+    # The close reaches our idle socket a moment later; a call sent before it would be a real race, and 502 here.
+    assert fake_openai.wait_for_closed_connections(1)
+    assert [post(app), post(app)] == [200, 200]
     assert fake_openai.connections == 2
 
 
@@ -115,3 +123,65 @@ def test_an_answer_that_trickles_in_inside_openai_timeout_is_a_200(fake_openai):
     app = create_app(make_settings(openai_base_url=fake_openai.base_url, openai_timeout=TRICKLE_SECONDS * 2))
     fake_openai.then(TRICKLE)
     assert post(app) == 200
+
+
+def test_a_retry_after_an_attempt_ran_out_of_time_gets_a_fresh_deadline(fake_openai):
+    settings = make_settings(
+        openai_base_url=fake_openai.base_url, openai_timeout=TRICKLE_SECONDS / 3, openai_max_retries=1
+    )
+    fake_openai.then(TRICKLE)
+    assert post(create_app(settings)) == 200
+    assert fake_openai.calls == 2
+
+
+def test_an_idle_connection_keeps_no_deadline_from_its_last_call(fake_openai):
+    transport = ConnectionPerCallTransport(max_idle=4, attempt_seconds=30)
+    with httpx2.Client(transport=transport, base_url=fake_openai.base_url) as client:
+        assert chat_status(client) == 200
+        (_, idle), = transport._idle
+        assert idle.deadline.at == math.inf
+
+
+class ClockedDeadline(Deadline):
+    """A deadline 10 s away, and a stand-in for the time that each connect or send takes: `spend` moves it closer."""
+
+    def __init__(self):
+        super().__init__()
+        self.at = time.monotonic() + 10
+
+    def spend(self, seconds: float) -> None:
+        self.at -= seconds
+
+
+def test_each_address_of_a_host_gets_only_the_time_the_attempt_has_left(monkeypatch):
+    deadline, tried = ClockedDeadline(), []
+
+    class Unreachable:
+        def connect_tcp(self, host, port, timeout, local_address, socket_options):
+            tried.append(timeout)
+            deadline.spend(4)  # each address takes 4 s to fail
+            raise httpcore2.ConnectTimeout("no answer")
+
+    addresses = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"127.0.0.{n}", 443)) for n in range(2, 6)]
+    monkeypatch.setattr(upstream_http.socket, "getaddrinfo", lambda *args, **kwargs: addresses)
+    backend = DeadlineBackend(deadline)
+    backend._backend = Unreachable()
+    with pytest.raises(httpcore2.ConnectTimeout):
+        backend.connect_tcp("models.example", 443, timeout=5.0)
+    assert [round(timeout) for timeout in tried] == [5, 5, 2]  # the fourth address gets no time at all
+
+
+def test_a_long_write_gets_only_the_time_the_attempt_has_left_slice_by_slice():
+    deadline, sent = ClockedDeadline(), []
+
+    class SlowReader(httpcore2.NetworkStream):
+        def write(self, buffer, timeout=None):
+            sent.append((len(buffer), timeout))
+            deadline.spend(3)  # the server takes 3 s to read each slice
+
+    stream = DeadlineStream(SlowReader(), deadline)
+    with pytest.raises(httpcore2.WriteTimeout):
+        stream.write(b"x" * upstream_http.WRITE_SLICE_BYTES * 5, timeout=5.0)
+    slice_bytes = upstream_http.WRITE_SLICE_BYTES
+    assert [(size, round(timeout)) for size, timeout in sent] == [(slice_bytes, 5), (slice_bytes, 5), (slice_bytes, 4),
+                                                                   (slice_bytes, 1)]
