@@ -20,7 +20,7 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     502: "upstream_error",
-    503: "upstream_overloaded",  # also /readyz's, which names its own type
+    503: "upstream_overloaded",  # /readyz names its own, service_unavailable
     504: "upstream_timeout",
 }
 
