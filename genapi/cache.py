@@ -56,6 +56,8 @@ class RedisCache:
         self._prefix = f"{redis_state.key_prefix}cache:"
 
     def get(self, key: str) -> dict | None:
+        if not self._redis.usable():
+            return None
         try:
             stored = self._redis.client.get(self._prefix + key)
         except redis.RedisError as error:
@@ -68,6 +70,8 @@ class RedisCache:
             return None
 
     def put(self, key: str, answer: dict) -> None:
+        if not self._redis.usable():
+            return
         try:
             self._redis.client.setex(self._prefix + key, self._ttl, json.dumps(answer))
         except redis.RedisError as error:

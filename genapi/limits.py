@@ -1,23 +1,22 @@
 """Rate limits through Flask-Limiter: RATE_LIMIT per client key, AUTH_FAILURE_LIMIT per client address.
 
 Counts live in Redis when REDIS_URL is set, so every worker and instance shares them; otherwise in this process.
-If Redis fails, Flask-Limiter falls back to in-memory counts in each process (fail open, per process) and checks
-Redis again with a back-off; nothing about it becomes a 500.
+While Redis fails or refuses writes, each process counts in its own memory (genapi.limit_storage) and tries
+Redis again every few seconds; nothing about it becomes a 500.
 """
 
 import logging
 import time
 
-import redis
 from flask import Flask, current_app, g, request
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from limits import RateLimitItem, parse
-from limits.errors import StorageError
 
 from config import Settings
 from genapi import metrics
 from genapi.errors import ApiError, error_response
 from genapi.keys import Client
+from genapi.limit_storage import RedisOrMemoryStorage
 from genapi.redis_state import RedisState
 
 log = logging.getLogger("genapi")
@@ -48,12 +47,8 @@ def build_limiter(app: Flask, settings: Settings, redis_state: RedisState | None
     storage = {"storage_uri": "memory://"}
     if redis_state:
         storage = {
-            # limits' RedisStorage only reads the scheme from the URI: the connection is our shared pool.
-            "storage_uri": "rediss://" if redis_state.url.startswith("rediss://") else "redis://",
-            "storage_options": {
-                "connection_pool": redis_state.client.connection_pool,
-                "key_prefix": f"{redis_state.key_prefix}limits",
-            },
+            "storage_uri": RedisOrMemoryStorage.STORAGE_SCHEME[redis_state.url.startswith("rediss://")] + "://",
+            "storage_options": {"redis_state": redis_state, "key_prefix": f"{redis_state.key_prefix}limits"},
         }
     limiter = Limiter(
         key_func=client_address,
@@ -62,8 +57,7 @@ def build_limiter(app: Flask, settings: Settings, redis_state: RedisState | None
             ApplicationLimit(settings.auth_failure_limit, scope=AUTH_FAILURES, deduct_when=authentication_failed)
         ],
         strategy=STRATEGY,
-        in_memory_fallback_enabled=True,
-        swallow_errors=True,  # a Redis failure while counting is logged, never a 500
+        swallow_errors=True,  # the storage serves from memory when Redis fails; anything else is logged, never a 500
         headers_enabled=False,  # send_rate_limit_headers below does it (see its docstring)
         **storage,
     )
@@ -91,9 +85,8 @@ def charge(cost: int) -> None:
 
     This goes straight to Flask-Limiter's rate-limiting strategy (`Limiter.limiter`): Flask-Limiter's evaluation
     of a limit costs ~0.1 ms of CPU per request, a fifteenth of the service's budget (README, "Where the CPU
-    goes"), and the client and the cost are only known here, in the view. Flask-Limiter's own check of the
-    per-address limit, before every request, keeps watching Redis: while it is down, `Limiter.limiter` is the
-    in-memory fallback.
+    goes"), and the client and the cost are only known here, in the view. While Redis is unusable, the storage
+    counts in this process's memory.
     """
     limit = current_app.extensions["genapi"]["key_limits"].of(g.client)
     if limit is None:
@@ -104,13 +97,8 @@ def charge(cost: int) -> None:
         raise ApiError(422, message, code="over_rate_limit", param="prompts", fields=fields)
     strategy = current_app.extensions["genapi"]["limiter"].limiter
     bucket = (g.client.name, PER_KEY)
-    try:
-        allowed = strategy.hit(limit, *bucket, cost=cost)
-        reset_at, remaining = strategy.get_window_stats(limit, *bucket)
-    except (redis.RedisError, StorageError) as error:
-        # Redis went away since this request's own check; the next request falls back to in-memory counts.
-        log.warning("per-key limit not counted: the limit storage failed (%s)", type(error).__name__)
-        return
+    allowed = strategy.hit(limit, *bucket, cost=cost)
+    reset_at, remaining = strategy.get_window_stats(limit, *bucket)
     g.key_window = (limit, int(reset_at) + 1, remaining)
     if not allowed:
         message = f"Rate limit exceeded for this key ({limit}); retry after Retry-After seconds."
@@ -145,11 +133,7 @@ def auth_failure_window():
     current = current_app.extensions["genapi"]["limiter"].current_limit
     if current is None:
         return None
-    try:
-        return current.limit, current.reset_at, current.remaining
-    except (redis.RedisError, StorageError) as error:
-        log.warning("rate-limit headers left out: the limit storage failed (%s)", type(error).__name__)
-        return None
+    return current.limit, current.reset_at, current.remaining
 
 
 def rate_limited(exc: RateLimitExceeded):

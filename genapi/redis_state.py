@@ -1,6 +1,11 @@
-"""The one Redis connection of a process, shared by the rate limits and the cache, and whether Redis answers."""
+"""The one Redis connection of a process, shared by the rate limits and the cache, and whether Redis is usable.
+
+Usable means it answers and accepts writes: a Redis at maxmemory under noeviction, or a read-only replica, answers
+PING and reads but refuses every write, and is treated like one that does not answer.
+"""
 
 import logging
+import time
 from urllib.parse import urlsplit
 
 import redis
@@ -17,6 +22,10 @@ REDIS_HEALTH_CHECK_SECONDS = 30
 # One immediate retry covers a pooled connection that went stale; redis-py's default (3 retries, backing off up
 # to 10 s) would hold every request for seconds while Redis is down.
 REDIS_RETRY = Retry(NoBackoff(), retries=1)
+# While Redis is unusable, one request a process in this many seconds tries it again (a write), not every request.
+REDIS_RECHECK_SECONDS = 5.0
+# The key /readyz and the recheck write to, with a short expiry, to see that Redis takes writes.
+PROBE_KEY = "ready-probe"
 
 
 def masked_url(url: str) -> str:
@@ -46,25 +55,39 @@ def connect(url: str) -> redis.Redis:
 
 
 class RedisState:
-    """The client, and whether Redis answered last time, so an outage is logged when it starts and when it ends."""
+    """The client, and whether Redis was usable last time, so an outage is logged once when it starts and when it ends.
+
+    The rate limits (genapi.limit_storage) and the cache (genapi.cache) report every Redis failure here, and ask
+    `usable()` before each use: while Redis is not, they keep to this process.
+    """
 
     def __init__(self, url: str, key_prefix: str):
         self.url = masked_url(url)
         self.key_prefix = key_prefix
         self.client = connect(url)
         self.answering = True
+        self._recheck_at = 0.0
 
     def __repr__(self) -> str:
         return f"RedisState({self.url!r})"
 
-    def failed(self, error: redis.RedisError) -> None:
+    def usable(self) -> bool:
+        """Whether to use Redis now: yes while it is usable; while it is not, a write probe every few seconds."""
+        if self.answering:
+            return True
+        if time.monotonic() < self._recheck_at:
+            return False
+        return self.problem() is None
+
+    def failed(self, error: Exception) -> None:
+        self._recheck_at = time.monotonic() + REDIS_RECHECK_SECONDS
         if self.answering:
             log.error(
-                "Redis at %s is not answering (%s: %s): rate limits fall back to per-process counts and the "
-                "cache is skipped until it is back",
+                "Redis at %s is not answering or refuses writes (%s: %s): rate limits fall back to per-process "
+                "counts and the cache is skipped until it is back",
                 self.url,
                 type(error).__name__,
-                error,
+                str(error)[:200],
             )
         self.answering = False
 
@@ -74,9 +97,12 @@ class RedisState:
         self.answering = True
 
     def problem(self) -> str | None:
-        """None when Redis answers PING now, otherwise what is wrong."""
+        """None when Redis takes a write now, otherwise what is wrong."""
         try:
-            self.client.ping()
+            self.client.set(self.key_prefix + PROBE_KEY, b"1", px=10_000)
+        except redis.ResponseError as error:  # it answered, and said no: out of memory, read-only, ...
+            self.failed(error)
+            return f"Redis refuses writes ({type(error).__name__})"
         except redis.RedisError as error:
             self.failed(error)
             return f"Redis does not answer ({type(error).__name__})"

@@ -184,6 +184,10 @@ class PrivateRedis:
         self.stop()
         raise AssertionError("the private redis-server did not start")
 
+    def client(self) -> redis.Redis:
+        """A connection of the test's own, to reconfigure this server (CONFIG SET, REPLICAOF)."""
+        return redis.Redis.from_url(self.url, socket_timeout=2)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()

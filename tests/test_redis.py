@@ -3,11 +3,13 @@
 import logging
 import time
 
+import pytest
 import redis
 
 from app import create_app
 from genapi.redis_state import connect, masked_url
 from tests.conftest import ADMIN_KEY, USER_KEY, make_settings
+from tests.procfile import free_port
 
 
 def post(client, key=USER_KEY, **body):
@@ -159,3 +161,51 @@ def test_readyz_says_service_unavailable_not_upstream_when_redis_is_down(make_ap
     error = client.get("/readyz").get_json()["error"]
     assert error["code"] == "redis_unavailable"
     assert error["type"] == "service_unavailable"
+
+
+def refuse_writes_by_maxmemory(server) -> None:
+    """Heroku Redis's default: at maxmemory under noeviction every write is refused with OOM; reads still work."""
+    server.client().config_set("maxmemory-policy", "noeviction")
+    server.client().config_set("maxmemory", 1)
+
+
+def refuse_writes_as_a_replica(server) -> None:
+    """A read-only replica of a master that is not there: it answers PING and reads, and refuses every write."""
+    server.client().replicaof("127.0.0.1", free_port())
+
+
+@pytest.mark.parametrize("refuse_writes", [refuse_writes_by_maxmemory, refuse_writes_as_a_replica])
+def test_a_redis_that_refuses_writes_falls_back_to_per_process_counts(make_app, private_redis, refuse_writes):
+    client = make_app(rate_limit="3/minute", redis_url=private_redis.url).test_client()
+    refuse_writes(private_redis)
+    assert [post(client, prompt=f"p{n}").status_code for n in range(4)] == [200, 200, 200, 429]
+
+
+@pytest.mark.parametrize("refuse_writes", [refuse_writes_by_maxmemory, refuse_writes_as_a_replica])
+def test_failed_authentications_are_counted_when_redis_refuses_writes(make_app, private_redis, refuse_writes):
+    client = make_app(auth_failure_limit="2/minute", redis_url=private_redis.url).test_client()
+    refuse_writes(private_redis)
+    assert [post(client, key="wrong").status_code for _ in range(3)] == [403, 403, 429]
+
+
+@pytest.mark.parametrize("refuse_writes", [refuse_writes_by_maxmemory, refuse_writes_as_a_replica])
+def test_readyz_reports_a_redis_that_refuses_writes(make_app, private_redis, refuse_writes):
+    client = make_app(redis_url=private_redis.url).test_client()
+    refuse_writes(private_redis)
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "redis_unavailable"
+    assert "refuses writes" in response.get_json()["error"]["message"]
+
+
+def test_a_redis_that_refuses_writes_is_logged_once_and_its_return_once(make_app, private_redis, caplog):
+    caplog.set_level(logging.INFO)
+    client = make_app(rate_limit="50/minute", cache_ttl=60, redis_url=private_redis.url).test_client()
+    refuse_writes_by_maxmemory(private_redis)
+    for n in range(3):
+        post(client, prompt=f"p{n}"), post(client, key="wrong"), client.get("/readyz")
+    private_redis.client().config_set("maxmemory", 0)
+    assert client.get("/readyz").status_code == 200
+    assert caplog.text.count("is not answering or refuses writes (OutOfMemoryError") == 1
+    assert caplog.text.count("answers again") == 1
+    assert private_redis.PASSWORD not in caplog.text
