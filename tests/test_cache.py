@@ -72,7 +72,7 @@ def test_cache_is_off_by_default(client, upstream):
 
 def test_memory_cache_entries_expire_after_the_ttl():
     now = [1000.0]
-    cache = MemoryCache(ttl=60, max_entries=10, clock=lambda: now[0])
+    cache = MemoryCache(ttl=60, max_entries=10, max_bytes=10**6, max_entry_bytes=10**5, clock=lambda: now[0])
     cache.put("k", {"response": "x"})
     now[0] += 59
     assert cache.get("k") == {"response": "x"}
@@ -81,7 +81,7 @@ def test_memory_cache_entries_expire_after_the_ttl():
 
 
 def test_memory_cache_keeps_at_most_max_entries_dropping_the_least_recently_used():
-    cache = MemoryCache(ttl=60, max_entries=2)
+    cache = MemoryCache(ttl=60, max_entries=2, max_bytes=10**6, max_entry_bytes=10**5)
     cache.put("a", {"n": 1}), cache.put("b", {"n": 2})
     cache.get("a")
     cache.put("c", {"n": 3})
@@ -119,3 +119,19 @@ def test_a_cached_body_has_the_fields_of_a_fresh_one_in_the_same_order(make_app)
     assert {k: v for k, v in hit.items() if k not in ("id", "cached")} == {
         k: v for k, v in fresh.items() if k not in ("id", "cached")
     }
+
+
+def test_memory_cache_is_bounded_in_bytes_dropping_the_least_recently_used():
+    cache = MemoryCache(ttl=60, max_entries=1000, max_bytes=50_000, max_entry_bytes=20_000)
+    for n in range(10):
+        cache.put(f"k{n}", {"response": "x" * 15_000})
+    kept = [n for n in range(10) if cache.get(f"k{n}")]
+    assert kept == [7, 8, 9]
+
+
+def test_an_answer_over_cache_max_entry_bytes_is_not_cached(make_app, upstream):
+    client = make_app(cache_ttl=60, cache_max_entry_bytes=1024).test_client()
+    long_prompt = "word " * 400  # the fake upstream echoes it: an answer of some 2 KB
+    assert [post(client, prompt=long_prompt, max_tokens=1000).headers["X-Cache"] for _ in range(2)] == ["MISS", "MISS"]
+    assert post(client).headers["X-Cache"] == "MISS"
+    assert post(client).headers["X-Cache"] == "HIT"

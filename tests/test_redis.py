@@ -45,7 +45,7 @@ def test_the_redis_cache_is_shared_by_instances_and_scoped_per_key(make_app, ups
 def test_redis_cache_entries_are_json_under_the_prefix_with_the_ttl(make_app, redis_settings, shared_redis_url):
     post(make_app(cache_ttl=60, **redis_settings).test_client())
     connection = redis.Redis.from_url(shared_redis_url)
-    keys = list(connection.scan_iter(match=f"{redis_settings['redis_key_prefix']}cache:*"))
+    keys = cache_entries(connection, redis_settings)
     assert len(keys) == 1
     assert 0 < connection.ttl(keys[0]) <= 60
     assert b'"response"' in connection.get(keys[0])
@@ -209,3 +209,25 @@ def test_a_redis_that_refuses_writes_is_logged_once_and_its_return_once(make_app
     assert caplog.text.count("is not answering or refuses writes (OutOfMemoryError") == 1
     assert caplog.text.count("answers again") == 1
     assert private_redis.PASSWORD not in caplog.text
+
+
+def cache_entries(connection, redis_settings) -> list:
+    return list(connection.scan_iter(match=f"{redis_settings['redis_key_prefix']}cache:*"))
+
+
+def test_the_redis_cache_keeps_at_most_cache_max_entries_dropping_the_oldest(
+    make_app, upstream, redis_settings, shared_redis_url
+):
+    client = make_app(cache_ttl=60, cache_max_entries=2, **redis_settings).test_client()
+    for prompt in ("one", "two", "three"):
+        post(client, prompt=prompt)
+    assert len(cache_entries(redis.Redis.from_url(shared_redis_url), redis_settings)) == 2
+    assert [post(client, prompt=p).headers["X-Cache"] for p in ("three", "two", "one")] == ["HIT", "HIT", "MISS"]
+
+
+def test_the_redis_cache_does_not_store_an_answer_over_cache_max_entry_bytes(
+    make_app, upstream, redis_settings, shared_redis_url
+):
+    client = make_app(cache_ttl=60, cache_max_entry_bytes=1024, **redis_settings).test_client()
+    post(client, prompt="word " * 400, max_tokens=1000)
+    assert cache_entries(redis.Redis.from_url(shared_redis_url), redis_settings) == []
