@@ -9,7 +9,6 @@ metrics (genapi.metrics) and writes its one JSON log line (genapi.logs).
 
 import logging
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,16 +26,13 @@ from genapi.commands import create_key
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, KeyRing
 from genapi.limits import build_limiter, charge
-from genapi.logs import configure_logging, log_request
+from genapi.logs import configure_logging, log_request, sane_request_id
 from genapi.openapi import build_openapi
 from genapi.providers import Completion, Generation, build_provider
 from genapi.redis_state import RedisState
 from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body
 
 log = logging.getLogger("genapi")
-
-# A client's X-Request-ID is kept only if it is short and plain, so it cannot smuggle anything into our logs.
-SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def create_app(settings: Settings | None = None, http_client: httpx2.Client | None = None) -> Flask:
@@ -106,8 +102,7 @@ def new_request_id() -> str:
 
 def start_request() -> None:
     g.started = time.perf_counter()
-    client_id = request.headers.get("X-Request-ID", "")
-    g.request_id = client_id if SANE_REQUEST_ID.fullmatch(client_id) else new_request_id()
+    g.request_id = sane_request_id(request.headers.get("X-Request-ID")) or new_request_id()
     g.cached = False  # answer() sets it when the cache answers
 
 

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     openai_model: str = "gpt-4o-mini"
     openai_timeout: float = Field(default=12.0, gt=0)
     openai_max_retries: int = Field(default=1, ge=0, le=5)
+    # The most bytes read of one upstream answer, as sent and once decompressed; past it the answer is a 502.
+    max_upstream_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
 
     # Limits on what a client may ask for.
     max_prompt_chars: int = Field(default=32000, ge=1)

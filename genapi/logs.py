@@ -6,6 +6,7 @@ A 20-line formatter instead of a logging library: each line costs one json.dumps
 import json
 import logging
 import os
+import re
 import sys
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
@@ -16,6 +17,15 @@ from pydantic import SecretStr
 from genapi.pid import current_pid
 
 request_log = logging.getLogger("genapi.request")
+
+# A request id from outside (a client's X-Request-ID, an upstream's) is kept only if it is short and plain, so it
+# cannot smuggle anything into our logs.
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def sane_request_id(value) -> str | None:
+    """The id if it is short and plain, else None."""
+    return value if isinstance(value, str) and SANE_REQUEST_ID.fullmatch(value) else None
 
 
 class JsonFormatter(logging.Formatter):

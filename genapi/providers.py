@@ -6,6 +6,9 @@ with the status the contract gives it, so the route never sees an SDK exception.
 
 import hashlib
 import logging
+import re
+import ssl
+import socket
 import time
 from dataclasses import dataclass
 
@@ -14,7 +17,8 @@ import openai
 
 from config import Settings
 from genapi.errors import ApiError
-from genapi.upstream_http import upstream_http_client
+from genapi.logs import sane_request_id
+from genapi.upstream_http import UpstreamAnswerTooLarge, UpstreamRedirected, upstream_http_client
 
 log = logging.getLogger("genapi")
 
@@ -62,16 +66,16 @@ class MockProvider:
 class BoundedRetryOpenAI(openai.OpenAI):
     """The SDK's client with retries that fit inside one web request.
 
-    The SDK also retries 408, 409 and 429, and waits as long as a Retry-After header asks (up to two minutes);
+    The SDK also retries 409 and 429, and waits as long as a Retry-After header asks (up to two minutes);
     behind Heroku's 30 s router that wait would outlive the request. Here a 429 goes straight back to our client
-    as a 503 with Retry-After, and only 5xx answers (plus the SDK's own timeout and connection retries) are retried,
-    on the SDK's exponential back-off.
+    as a 503 with Retry-After, and only 5xx answers and 408 (a gateway's timeout, as the LiteLLM proxy answers
+    one), plus the SDK's own timeout and connection retries, are retried, on the SDK's exponential back-off.
     """
 
     def _should_retry(self, response: httpx2.Response) -> bool:
         if response.headers.get("x-should-retry") == "false":
             return False
-        return response.status_code >= 500
+        return response.status_code >= 500 or response.status_code == 408
 
     def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None) -> float:
         return super()._calculate_retry_timeout(remaining_retries, options, None)
@@ -111,10 +115,77 @@ def names_the_model(error: openai.APIStatusError, model: str) -> bool:
     return detail is not None and (detail.get("code") == "model_not_found" or model in detail["message"])
 
 
-def upstream_message(error: openai.APIStatusError) -> str:
-    """The upstream's own explanation of a rejected request, which helps the client fix it."""
+# The error types with which OpenAI-compatible servers say that the request itself is wrong: OpenAI's, Ollama's,
+# llama.cpp's and the LiteLLM proxy's own (invalid_request_error), vLLM's (BadRequestError, NotFoundError).
+REQUEST_ERROR_TYPES = {"invalid_request_error", "BadRequestError", "NotFoundError"}
+
+
+def blames_the_request(error: openai.APIStatusError, model: str) -> bool:
+    """Whether an upstream 400, 404 or 422 says the client's request is wrong, so that its message may reach it.
+
+    Gateways answer their own trouble with a 400 too (the LiteLLM proxy's "No connected db." for a key it cannot
+    check); a message without a request error type is the operator's to read, not the client's.
+    """
+    if error.status_code == 404:
+        return names_the_model(error, model)
     detail = upstream_error_detail(error)
-    return (detail["message"] if detail else error.message)[:500]
+    return detail is not None and detail.get("type") in REQUEST_ERROR_TYPES
+
+
+# What the client or the log is shown of an upstream's free text, at most.
+UPSTREAM_MESSAGE_CHARS = 500
+
+
+def upstream_message(error: openai.APIStatusError) -> str:
+    """The upstream's own explanation of a rejected request, whole: redact it before cutting it (`shown`)."""
+    detail = upstream_error_detail(error)
+    return detail["message"] if detail else error.message
+
+
+def connection_failure(error: openai.APIConnectionError) -> str:
+    """Why the model server could not be reached, in words, from the exceptions under the SDK's."""
+    causes, cause = [], error.__cause__
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in causes:
+        if isinstance(cause, socket.gaierror):
+            return "its host name did not resolve"
+        if isinstance(cause, ConnectionRefusedError):
+            return "the connection was refused"
+        if isinstance(cause, ssl.SSLError):
+            return "TLS failed"
+    text = " ".join(str(cause) for cause in causes)
+    for pattern, reason in CONNECTION_FAILURE_WORDS:
+        if re.search(pattern, text, re.IGNORECASE):
+            return reason
+    return "the connection failed"
+
+
+# httpcore2 often keeps only the text of the OS's error; these are the words of Linux's, macOS's and OpenSSL's.
+CONNECTION_FAILURE_WORDS = [
+    (r"name or service not known|nodename nor servname|name resolution|getaddrinfo|no address", "its host name did not resolve"),
+    (r"connection refused|errno 111|errno 61\b", "the connection was refused"),
+    (r"ssl|tls|certificate", "TLS failed"),
+    (r"disconnected without|connection reset|broken pipe|remoteprotocolerror", "the connection was closed without an answer"),
+]
+
+
+def model_name(reported, requested: str) -> str:
+    """The model the upstream says answered, as a name: a path on the model server's disk becomes its file's name.
+
+    llama.cpp's server, started without an alias, reports the model file's absolute path.
+    """
+    if not isinstance(reported, str) or not reported:
+        return "unknown"
+    if reported.startswith(("/", "./", "../", "~")) or "\\" in reported or re.match(r"[A-Za-z]:[/\\]", reported):
+        base = re.split(r"[/\\]", reported)[-1]
+        stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+        return stem[:MAX_MODEL_CHARS] or requested
+    return reported[:MAX_MODEL_CHARS]
+
+
+MAX_MODEL_CHARS = 200
 
 
 class OpenAIProvider:
@@ -132,9 +203,13 @@ class OpenAIProvider:
             # Each request in flight may be a batch, with up to BATCH_CONCURRENCY upstream calls of its own.
             http_client=http_client
             or upstream_http_client(
-                settings.in_flight_per_worker * settings.batch_concurrency, timeout, settings.openai_timeout
+                settings.in_flight_per_worker * settings.batch_concurrency,
+                timeout,
+                settings.openai_timeout,
+                settings.max_upstream_bytes,
             ),
         )
+        self._host = self.client.base_url.host
         # The SDK describes the platform in headers it works out once per process, running `uname -p` to do so.
         # Here that happens while the app is built, so in gunicorn's master, not on each worker's first request.
         self.client.platform_headers()
@@ -143,8 +218,12 @@ class OpenAIProvider:
         return f"OpenAIProvider(base_url={str(self.client.base_url)!r})"
 
     def _redact(self, text: str) -> str:
+        """The upstream's free text with our key taken out (in any case), then cut short: cut first, a key could
+        straddle the cut and show in part."""
         # A local server's placeholder key ("none", "ollama") is no secret, and replacing it would garble plain words.
-        return text.replace(self._api_key, "[redacted]") if len(self._api_key) >= 16 else text
+        if len(self._api_key) >= 16:
+            text = re.sub(re.escape(self._api_key), "[redacted]", text, flags=re.IGNORECASE)
+        return text[:UPSTREAM_MESSAGE_CHARS]
 
     def complete(self, generation: Generation) -> Completion:
         messages = [{"role": "user", "content": generation.prompt}]
@@ -161,8 +240,20 @@ class OpenAIProvider:
             response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response)
         except openai.APITimeoutError:
             raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
-        except openai.APIConnectionError:
+        except openai.APIConnectionError as error:
+            log.error("the model server at %s could not be reached: %s", self._host, connection_failure(error))
             raise ApiError(502, "The model server could not be reached.", code="upstream_unavailable") from None
+        except UpstreamAnswerTooLarge as error:
+            log.error("the model server's answer was refused: %s", error)
+            raise ApiError(502, "The model server's answer was too large.", code="upstream_bad_response") from None
+        except UpstreamRedirected as error:
+            log.error(
+                "the model server answered with a redirect (HTTP %s to %s), which genapi does not follow: "
+                "check OPENAI_BASE_URL",
+                error.status,
+                error.target,
+            )
+            raise ApiError(502, f"The model server failed (HTTP {error.status}).", code="upstream_error") from None
         except openai.RateLimitError as error:
             if error.code == "insufficient_quota":
                 # Our account is out of credit: retrying will not help, and only the operator can fix it.
@@ -183,12 +274,23 @@ class OpenAIProvider:
                 # so OPENAI_BASE_URL is wrong, which only the operator can fix.
                 log.error("the model server has no /chat/completions (HTTP 404): check OPENAI_BASE_URL")
                 raise ApiError(502, "The model server failed (HTTP 404).", code="upstream_error") from None
+            if not blames_the_request(error, generation.model):
+                # The upstream's own trouble, said with a 4xx: the operator reads it, the client is not blamed for it.
+                log.error(
+                    "the model server refused the call with HTTP %s, not for a fault of the request: %s",
+                    error.status_code,
+                    self._redact(upstream_message(error)),
+                )
+                message = f"The model server failed (HTTP {error.status_code})."
+                raise ApiError(502, message, code="upstream_error") from None
             raise ApiError(
                 400,
                 f"The model server rejected the request: {self._redact(upstream_message(error))}",
                 code="upstream_rejected_request",
             ) from None
         except openai.APIStatusError as error:
+            if error.status_code == 408:  # a gateway's timeout, still so after the retries: a timeout, as ours is
+                raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
             if error.status_code == 503:  # still overloaded after the SDK's retries: the client should come back later
                 raise overloaded(error) from None
             raise ApiError(
@@ -196,13 +298,13 @@ class OpenAIProvider:
             ) from None
         try:
             completion = response.json()
-        except ValueError:  # json.JSONDecodeError, or a body that is not text
+        except (ValueError, RecursionError):  # not JSON, not text, or nested deeper than Python's parser goes
             raise ApiError(502, "The model server's answer was not valid JSON.", code="upstream_bad_response") from None
         upstream_ms = (time.perf_counter() - started) * 1000
-        return self._to_completion(completion, response.headers.get("x-request-id"), upstream_ms)
+        return self._to_completion(completion, response.headers.get("x-request-id"), upstream_ms, generation.model)
 
     @staticmethod
-    def _to_completion(completion, upstream_request_id, upstream_ms) -> Completion:
+    def _to_completion(completion, upstream_request_id, upstream_ms, requested_model: str) -> Completion:
         """Check that the answer is a usable chat completion; anything else is the upstream's failure (502)."""
         choices = completion.get("choices") if isinstance(completion, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -214,21 +316,30 @@ class OpenAIProvider:
             raise ApiError(502, "The model server's answer held no text.", code="upstream_bad_response")
         usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else {}
         finish_reason = choice.get("finish_reason")
-        model = completion.get("model")
         return Completion(
             text=text,
-            model=model if isinstance(model, str) and model else "unknown",
-            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+            model=model_name(completion.get("model"), requested_model),
+            finish_reason=finish_reason[:MAX_FINISH_REASON_CHARS] if isinstance(finish_reason, str) else None,
             prompt_tokens=token_count(usage.get("prompt_tokens")),
             completion_tokens=token_count(usage.get("completion_tokens")),
-            upstream_request_id=upstream_request_id,
+            # The header, as OpenAI sends it; else the completion's own id, which every compatible server sends.
+            upstream_request_id=sane_request_id(upstream_request_id) or sane_request_id(completion.get("id")),
             upstream_ms=upstream_ms,
         )
 
 
+MAX_FINISH_REASON_CHARS = 40
+# More tokens than any model's context holds: a count past it is not a count, and would wreck the token metrics.
+MAX_TOKEN_COUNT = 10**9
+
+
 def token_count(value) -> int:
-    """A usage count from the upstream's JSON; anything but a non-negative integer counts as 0."""
-    return value if type(value) is int and value >= 0 else 0
+    """A usage count from the upstream's JSON; anything but a non-negative integer counts as 0, a huge one is a 502."""
+    if type(value) is not int or value < 0:
+        return 0
+    if value > MAX_TOKEN_COUNT:
+        raise ApiError(502, "The model server's answer held a usage count that is not one.", code="upstream_bad_response")
+    return value
 
 
 def build_provider(settings: Settings, http_client: httpx2.Client | None = None):

@@ -1,19 +1,41 @@
 """The HTTP under the OpenAI SDK: kept-alive upstream connections lent in constant time, each attempt on a deadline.
 
-The SDK is unchanged; it gets `upstream_http_client()` as its httpx2 client. Two things here reach into httpcore2,
-and a test covers each: the network backend of a one-connection transport's pool, and the `select` module its
-idle-connection check uses.
+The SDK is unchanged; it gets `upstream_http_client()` as its httpx2 client. Every upstream byte passes the
+transport here, so it also bounds what an answer may be: no redirect is followed, and no answer may be larger than
+MAX_UPSTREAM_BYTES, as sent or once decompressed. Two things here reach into httpcore2, and a test covers each: the
+network backend of a one-connection transport's pool, and the `select` module its idle-connection check uses.
 """
 
 import math
 import socket
 import time
+import zlib
 from collections import deque
 from types import SimpleNamespace
 
 import httpcore2
 import httpx2
 import openai
+
+
+class UpstreamAnswerRefused(openai.OpenAIError):
+    """An upstream answer genapi will not read. An OpenAIError, so the SDK passes it on at once, without retrying."""
+
+
+class UpstreamAnswerTooLarge(UpstreamAnswerRefused):
+    def __init__(self, limit: int):
+        super().__init__(f"the answer is larger than MAX_UPSTREAM_BYTES ({limit} bytes)")
+
+
+class UpstreamRedirected(UpstreamAnswerRefused):
+    """A 3xx: an OpenAI-compatible API has no reason to redirect, and following one would send the prompt elsewhere."""
+
+    def __init__(self, status: int, location: str):
+        self.status = status
+        target = httpx2.URL(location) if location else None
+        # Only where it points, never its path or query, which may carry a token.
+        self.target = f"{target.scheme}://{target.host}" if target and target.host else "the same host"
+        super().__init__(f"HTTP {status} to {self.target}")
 
 
 class ConnectionPerCallTransport(httpx2.BaseTransport):
@@ -33,9 +55,17 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
     followed by a slow answer, or an answer that trickles in, would otherwise outlive it.
     """
 
-    def __init__(self, max_idle: int, keepalive_expiry: float = 5.0, attempt_seconds: float | None = None, **options):
+    def __init__(
+        self,
+        max_idle: int,
+        keepalive_expiry: float = 5.0,
+        attempt_seconds: float | None = None,
+        max_answer_bytes: int | None = None,
+        **options,
+    ):
         self._max_idle = max_idle
         self._attempt_seconds = attempt_seconds
+        self._max_answer_bytes = max_answer_bytes
         self._limits = httpx2.Limits(max_connections=1, keepalive_expiry=keepalive_expiry)
         # One SSL context for all: building one loads the CA bundle, which costs milliseconds and memory each time.
         options.setdefault("verify", httpx2.create_ssl_context())
@@ -50,13 +80,23 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
         except IndexError:
             connection = KeptConnection(self._limits, self._transport_options)
         if self._attempt_seconds is not None:
-            connection.deadline.at = time.monotonic() + self._attempt_seconds
+            # A call may ask for less (a batch's last prompts, with little of the request's budget left).
+            asked = (request.extensions.get("timeout") or {}).get("read")
+            seconds = min(self._attempt_seconds, asked) if asked else self._attempt_seconds
+            connection.deadline.at = time.monotonic() + seconds
+        if self._max_answer_bytes is not None:
+            request.headers["Accept-Encoding"] = "gzip, deflate"  # the encodings BoundedBody can bound
         try:
             response = connection.transport.handle_request(request)
         except BaseException:
             self._put_back(connection)
             raise
         response.stream = _CallbackOnClose(response.stream, lambda: self._put_back(connection))
+        if 300 <= response.status_code < 400:
+            response.close()
+            raise UpstreamRedirected(response.status_code, response.headers.get("location", ""))
+        if self._max_answer_bytes is not None:
+            response.stream = BoundedBody(response.stream, response.headers, self._max_answer_bytes)
         return response
 
     def _put_back(self, connection: "KeptConnection") -> None:
@@ -183,6 +223,56 @@ class DeadlineStream(httpcore2.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
+class BoundedBody(httpx2.SyncByteStream):
+    """An answer's body, decompressed here (gzip, deflate) and cut off past `limit` bytes, as sent and as decoded.
+
+    httpx2 would inflate a whole answer at once: a few hundred kilobytes of gzip can hold gigabytes. Here each step
+    inflates at most what is left of the limit, and the response's headers are changed to say that the body is no
+    longer encoded, so httpx2 does not decode it again.
+    """
+
+    def __init__(self, stream, headers: httpx2.Headers, limit: int):
+        self._stream, self._limit = stream, limit
+        encoding = headers.get("content-encoding", "").strip().lower()
+        self._inflater = None
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            # gzip, or deflate in its standard (zlib) form: the header tells which.
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)
+            del headers["content-encoding"]
+            headers.pop("content-length", None)
+
+    def __iter__(self):
+        received = decoded = 0
+        for chunk in self._stream:
+            received += len(chunk)
+            if received > self._limit:
+                raise UpstreamAnswerTooLarge(self._limit)
+            if self._inflater is None:
+                yield chunk
+                continue
+            pending = chunk
+            while pending:
+                try:
+                    piece = self._inflater.decompress(pending, self._limit - decoded + 1)
+                except zlib.error as error:
+                    raise httpx2.DecodingError(f"the answer's compressed body is broken: {error}") from None
+                decoded += len(piece)
+                if decoded > self._limit:
+                    raise UpstreamAnswerTooLarge(self._limit)
+                if piece:
+                    yield piece
+                pending = self._inflater.unconsumed_tail
+        if self._inflater is not None:
+            tail = self._inflater.flush()
+            if decoded + len(tail) > self._limit:
+                raise UpstreamAnswerTooLarge(self._limit)
+            if tail:
+                yield tail
+
+    def close(self) -> None:
+        self._stream.close()
+
+
 class _CallbackOnClose(httpx2.SyncByteStream):
     """A response body that runs a callback once, after the body underneath is closed."""
 
@@ -201,14 +291,18 @@ class _CallbackOnClose(httpx2.SyncByteStream):
                 on_close()
 
 
-def upstream_http_client(in_flight: int, timeout: httpx2.Timeout, attempt_seconds: float) -> httpx2.Client:
+def upstream_http_client(
+    in_flight: int, timeout: httpx2.Timeout, attempt_seconds: float, max_answer_bytes: int
+) -> httpx2.Client:
     """The SDK's default httpx2 client, keeping a connection alive per call in flight, each lent in constant time.
 
     The SDK's default pool keeps only 100 idle connections; a gevent worker with 250 calls in flight would then
-    close and reopen 150 upstream connections every round.
+    close and reopen 150 upstream connections every round. Redirects are the transport's to refuse, not to follow.
     """
-    transport = ConnectionPerCallTransport(max_idle=in_flight, attempt_seconds=attempt_seconds)
-    return openai.DefaultHttpxClient(timeout=timeout, transport=transport)
+    transport = ConnectionPerCallTransport(
+        max_idle=in_flight, attempt_seconds=attempt_seconds, max_answer_bytes=max_answer_bytes
+    )
+    return openai.DefaultHttpxClient(timeout=timeout, transport=transport, follow_redirects=False)
 
 
 def probe_idle_connections_without_gevent() -> None:

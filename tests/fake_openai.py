@@ -36,6 +36,7 @@ class Status:
     code: int
     message: str = "upstream says no"
     headers: dict = field(default_factory=dict)
+    type: str = "invalid_request_error"  # OpenAI's type for a request it refuses
 
 
 def completion_body(request_body: dict, request_id: int) -> dict:
@@ -201,7 +202,7 @@ class FakeOpenAI:
             payload = completion_body(request_body, request_id) | {"choices": []}
             return http_response(200, json.dumps(payload).encode(), ids)
         if isinstance(behaviour, Status):
-            error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
+            error = {"error": {"message": behaviour.message, "type": behaviour.type, "param": None, "code": None}}
             return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
         answer = http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
         if behaviour == TRICKLE:
