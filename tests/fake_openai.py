@@ -69,6 +69,10 @@ def completion_body(request_body: dict, request_id: int) -> dict:
     }
 
 
+class Raw(bytes):
+    """A whole HTTP answer, head and body, sent as it is; the connection is closed after it."""
+
+
 class ClosingAnswer(bytes):
     """An answer after which the server closes the connection, without saying so in a header."""
 
@@ -195,6 +199,8 @@ class FakeOpenAI:
             await self._wait(self.delay)
         if behaviour == DROP:
             return None
+        if isinstance(behaviour, Raw):
+            return ClosingAnswer(behaviour)
         if behaviour == NOT_JSON:
             return http_response(200, b"<html>oops</html>", content_type="application/json")
         ids = {"x-request-id": f"req_fake_{request_id}"}
