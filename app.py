@@ -18,7 +18,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from config import Settings, load_settings, split_list
+from config import UPSTREAM_BUDGET_SECONDS, Settings, load_settings, split_list
 from genapi import metrics
 from genapi.auth import authenticate, require_admin
 from genapi.cache import build_cache, cache_key
@@ -152,10 +152,10 @@ def wants_fresh_answer() -> bool:
     return bool(state("cache")) and bool(request.cache_control.no_cache)
 
 
-def complete(generation: Generation) -> Completion:
+def complete(generation: Generation, deadline: float | None = None) -> Completion:
     """The provider's completion, counted in the metrics and kept for the request's log line."""
     try:
-        completion = state("provider").complete(generation)
+        completion = state("provider").complete(generation, deadline)
     except ApiError as error:
         metrics.count_upstream_error(error.code)
         raise
@@ -164,8 +164,11 @@ def complete(generation: Generation) -> Completion:
     return completion
 
 
-def answer(client: Client, generation: Generation, answer_id: str, fresh: bool) -> dict:
-    """One prompt's success body: from the cache when it holds one, else from the provider, then cached."""
+def answer(client: Client, generation: Generation, answer_id: str, fresh: bool, deadline: float | None = None) -> dict:
+    """One prompt's success body: from the cache when it holds one, else from the provider, then cached.
+
+    `deadline` (time.monotonic()) is when the whole request must be over: a batch's prompts share it.
+    """
     # What was asked and answered, for the request's log line with LOG_PROMPTS=true; the output once there is one.
     g.exchange = {"prompt": generation.prompt, "system": generation.system, "output": None}
     cache = state("cache")
@@ -177,7 +180,7 @@ def answer(client: Client, generation: Generation, answer_id: str, fresh: bool) 
     if cached:
         g.cached = True
     else:
-        completion = complete(generation)
+        completion = complete(generation, deadline)
         stored = {
             "response": completion.text,
             "model": completion.model,
@@ -216,12 +219,15 @@ def generate_batch():
     generations = [generation_from(body, prompt, client) for prompt in body.prompts]
     charge(len(generations))  # each prompt is one request against the key's limit: all of the batch, or 429
     app, request_id, fresh = current_app._get_current_object(), g.request_id, wants_fresh_answer()
+    # However many rounds of BATCH_CONCURRENCY the prompts take, the request ends inside the budget that start-up
+    # checks one call against: the last prompts get what is left of it, or a 504 when nothing is.
+    deadline = time.monotonic() + UPSTREAM_BUDGET_SECONDS
 
     def answer_or_error(position: int, generation: Generation) -> tuple[dict, Completion | None]:
         # Each prompt runs in a worker thread (a greenlet under gevent), outside the request, in its own app context.
         with app.app_context():
             try:
-                return answer(client, generation, f"{request_id}-{position}", fresh), g.get("completion")
+                return answer(client, generation, f"{request_id}-{position}", fresh, deadline), g.get("completion")
             except ApiError as error:
                 return error.body(), None
 

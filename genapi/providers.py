@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx2
 import openai
 
-from config import Settings
+from config import Settings, worst_case_upstream_seconds
 from genapi.errors import ApiError
 from genapi.logs import sane_request_id
 from genapi.upstream_http import UpstreamAnswerTooLarge, UpstreamRedirected, upstream_http_client
@@ -48,7 +48,7 @@ class Completion:
 class MockProvider:
     """Answers offline and deterministically from the prompt, and says "model": "mock" so nobody mistakes it."""
 
-    def complete(self, generation: Generation) -> Completion:
+    def complete(self, generation: Generation, deadline: float | None = None) -> Completion:
         seed = hashlib.sha256(generation.prompt.encode()).hexdigest()[:8]
         words = f"Mock answer {seed}: this is genapi's offline mock provider, not a model. You said: {generation.prompt}"
         words = words.split()
@@ -210,6 +210,7 @@ class OpenAIProvider:
             ),
         )
         self._host = self.client.base_url.host
+        self._worst_case_seconds = worst_case_upstream_seconds(settings.openai_timeout, settings.openai_max_retries)
         # The SDK describes the platform in headers it works out once per process, running `uname -p` to do so.
         # Here that happens while the app is built, so in gunicorn's master, not on each worker's first request.
         self.client.platform_headers()
@@ -225,7 +226,21 @@ class OpenAIProvider:
             text = re.sub(re.escape(self._api_key), "[redacted]", text, flags=re.IGNORECASE)
         return text[:UPSTREAM_MESSAGE_CHARS]
 
-    def complete(self, generation: Generation) -> Completion:
+    def _options_before(self, deadline: float | None) -> dict:
+        """The SDK options that keep this call, retries and all, inside the time left before `deadline`."""
+        if deadline is None:
+            return {}
+        left = deadline - time.monotonic()
+        if left >= self._worst_case_seconds:
+            return {}
+        if left < MIN_CALL_SECONDS:
+            raise ApiError(504, "The request's time ran out before this prompt was sent.", code="upstream_timeout")
+        # One attempt, with the time that is left: the transport ends it then, connect to last byte.
+        return {"timeout": httpx2.Timeout(left, connect=min(5.0, left)), "max_retries": 0}
+
+    def complete(self, generation: Generation, deadline: float | None = None) -> Completion:
+        """One chat completion; with `deadline` (time.monotonic()), over by then, a 504 if it cannot be."""
+        options = self._options_before(deadline)
         messages = [{"role": "user", "content": generation.prompt}]
         if generation.system:
             messages.insert(0, {"role": "system", "content": generation.system})
@@ -237,7 +252,7 @@ class OpenAIProvider:
             # The SDK's client (auth, retries, timeouts, error classes) with the body as plain JSON and the answer as
             # the raw response: skipping the typed-params transform and the response model saves ~0.4 ms of CPU per
             # call (README, "Where the CPU goes"); _to_completion checks the answer's shape instead.
-            response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+            response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response, options=options)
         except openai.APITimeoutError:
             raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
         except openai.APIConnectionError as error:
@@ -329,6 +344,8 @@ class OpenAIProvider:
 
 
 MAX_FINISH_REASON_CHARS = 40
+# Less than this left of a request's budget is no time to call the model in.
+MIN_CALL_SECONDS = 0.5
 # More tokens than any model's context holds: a count past it is not a count, and would wreck the token metrics.
 MAX_TOKEN_COUNT = 10**9
 

@@ -2,6 +2,9 @@
 
 import time
 
+import httpx2
+
+from config import UPSTREAM_BUDGET_SECONDS
 from genapi.schemas import BatchResponse, GenerateResponse
 from tests.conftest import USER_KEY, make_settings
 from tests.test_upstream import upstream_error
@@ -156,3 +159,20 @@ def test_the_upstream_connections_kept_alive_cover_a_full_batch_for_every_reques
     settings = make_settings()
     transport = provider.client._client._transport
     assert transport._max_idle == settings.in_flight_per_worker * settings.batch_concurrency
+
+
+def test_a_batch_ends_inside_the_request_budget_however_many_rounds_it_takes(make_app, upstream, monkeypatch):
+    now = [time.monotonic()]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    start = now[0]
+
+    def hang(request):  # takes all the time the call was given, on the clock the deadline is read from
+        now[0] += request.extensions["timeout"]["read"]
+        raise httpx2.ReadTimeout("timed out", request=request)
+
+    upstream.then(*[hang] * 6)
+    client = make_app(openai_timeout=10, openai_max_retries=0, batch_concurrency=1).test_client()
+    results = post_batch(client, prompts=[f"p{n}" for n in range(6)]).get_json()["results"]
+    assert [result["error"]["code"] for result in results] == ["upstream_timeout"] * 6
+    assert now[0] - start <= UPSTREAM_BUDGET_SECONDS
+    assert upstream.calls == 3  # 10 s, 10 s, then the 5 s left; the last three are never sent
