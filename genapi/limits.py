@@ -90,8 +90,8 @@ def charge(cost: int) -> None:
     """Count `cost` requests against the calling client's limit, all or none: 429 when fewer are left.
 
     This goes straight to Flask-Limiter's rate-limiting strategy (`Limiter.limiter`): Flask-Limiter's evaluation
-    of a limit costs ~0.1 ms of CPU per request, a fifteenth of the service's budget (README, "Where the CPU
-    goes"), and the client and the cost are only known here, in the view. Flask-Limiter's own check of the
+    of a limit costs ~0.1 ms of CPU per request, a fifteenth of the service's budget (docs/cpu-profile.md),
+    and the client and the cost are only known here, in the view. Flask-Limiter's own check of the
     per-address limit, before every request, keeps watching Redis: while it is down, `Limiter.limiter` is the
     in-memory fallback.
     """
