@@ -110,7 +110,8 @@ def test_every_error_code_genapi_gives_is_explained_in_the_openapi_document_and_
     assert {"upstream_timeout", "rate_limit_exceeded", "too_many_auth_failures", "not_found"} <= codes
     explained = " ".join(ERROR_MEANINGS.values())
     readme = (ROOT / "README.md").read_text()
-    errors_table = readme[readme.index("### Errors") : readme.index("## Configuration")]
+    start = readme.index("\n## Errors\n")
+    errors_table = readme[start : readme.index("\n## ", start + 1)]
     for code in codes:
         assert f"({code}" in explained or f" {code}," in explained or f" {code})" in explained, code
         assert f"`{code}`" in errors_table, code
