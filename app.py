@@ -23,6 +23,8 @@ from genapi import metrics
 from genapi.auth import authenticate, require_admin
 from genapi.cache import build_cache, cache_key
 from genapi.commands import create_key
+from genapi.cors import bind_cors
+from genapi.docs_page import register_docs_page
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, KeyRing
 from genapi.limits import build_limiter, charge
@@ -37,8 +39,10 @@ log = logging.getLogger("genapi")
 
 def create_app(settings: Settings | None = None, http_client: httpx2.Client | None = None) -> Flask:
     """Build the app from settings (read from the environment when not given); http_client is for tests."""
-    settings = settings or load_settings(serving=will_serve())
-    configure_logging(settings.log_level)
+    serving = will_serve()
+    settings = settings or load_settings(serving=serving)
+    # A command such as `flask create-key` prints its result on stdout: its log lines go to stderr.
+    configure_logging(settings.log_level, to_stderr=not serving)
 
     app = Flask(__name__, static_folder=None)  # no static files: every route is in the OpenAPI document
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
@@ -67,15 +71,15 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.before_request(start_request)
     app.after_request(finish_request)
     limiter = build_limiter(app, settings, redis_state)
+    bind_cors(app, settings.cors_origins)
     app.add_url_rule("/generate", view_func=generate, methods=["POST"])
     app.add_url_rule("/generate/batch", view_func=generate_batch, methods=["POST"])
     app.add_url_rule("/healthz", view_func=limiter.exempt(healthz), methods=["GET"])
     app.add_url_rule("/readyz", view_func=limiter.exempt(readyz), methods=["GET"])
     app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
     app.add_url_rule("/metrics", view_func=require_admin(metrics_text), methods=["GET"])
+    register_docs_page(app, limiter)
     app.cli.add_command(create_key)
-    if not settings.has_client_keys:
-        log.warning("no client keys are set (API_KEYS, ADMIN_API_KEYS): every request needing a key is refused")
     if redis_state:
         log.info("rate limits and the cache are shared through Redis at %s", redis_state.url)
     return app

@@ -4,18 +4,23 @@ Everything is read from the environment and from a `.env` file (the environment 
 unset), validated once at start-up, so that a wrong value stops the process with a message naming the variable.
 """
 
-import logging
-import os
-import secrets
-import sys
-from urllib.parse import urlsplit
-from typing import Annotated, Literal
+from genapi.require_python import require_python
 
-from limits import parse_many
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+require_python()  # before the imports below, which would fail less clearly on an older Python
 
-from genapi.keys import parse_entry
+import logging  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+from typing import Annotated, Literal  # noqa: E402
+
+from limits import parse_many  # noqa: E402
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator  # noqa: E402
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict  # noqa: E402
+
+from genapi.keys import parse_entry  # noqa: E402
 
 log = logging.getLogger("genapi")
 
@@ -71,6 +76,9 @@ class Settings(BaseSettings):
     admin_rate_limit: str = ""  # empty: admins have RATE_LIMIT too; "none": admins are not limited
     auth_failure_limit: str = "10/minute"  # failed authentications per client address
     trusted_proxies: int = Field(default=0, ge=0, le=10)  # hops whose X-Forwarded-For is believed; Heroku: 1
+
+    # Browser pages on these origins may call the API (CORS); empty: none, `*`: any.
+    cors_origins: Annotated[list[str], NoDecode] = []
 
     # Shared state: with REDIS_URL, every worker and instance shares rate counts and the cache.
     redis_url: SecretStr | None = None  # may hold a password
@@ -141,7 +149,7 @@ class Settings(BaseSettings):
             raise ValueError("has a port that is not a number") from None
         return url
 
-    @field_validator("allowed_models", mode="before")
+    @field_validator("allowed_models", "cors_origins", mode="before")
     @classmethod
     def _split_models(cls, value):
         return split_list(value) if isinstance(value, str) else value
@@ -193,39 +201,59 @@ def load_settings(serving: bool = True, **overrides) -> Settings:
     """Read and check the settings; on a wrong value, print what is wrong and exit.
 
     A server (`serving`) never runs open: with no client key it refuses to start, or, on the mock provider, makes
-    a one-time key. A command-line tool such as `flask create-key` serves nothing, so it needs no key to run.
+    development keys once and keeps them in .env. A command-line tool such as `flask create-key` serves nothing,
+    so it needs no key to run.
     """
     try:
         settings = Settings(**overrides)
     except ValidationError as error:
         print(settings_error_message(error), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    if serving and not settings.has_client_keys:
-        if settings.llm_provider != "mock":
-            print(
-                "genapi cannot start, the configuration is wrong:\n  API_KEYS: empty, and genapi never runs open; "
-                "set it to one or more client keys (`flask --app app create-key NAME` makes one)",
-                file=sys.stderr,
-                flush=True,
-            )
-            raise SystemExit(2)
-        settings.api_keys = SecretStr(one_time_mock_key())
+    if not serving or split_list(settings.api_keys.get_secret_value()):
+        return settings
+    if settings.llm_provider == "mock":
+        return with_development_keys(settings, overrides)
+    if not settings.has_client_keys:
+        print(
+            "genapi cannot start, the configuration is wrong:\n  API_KEYS: empty, and genapi never runs open; "
+            "set it to one or more client keys (`.venv/bin/flask --app app create-key NAME` makes one)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(2)
+    print("genapi: API_KEYS is empty, so only admin keys (ADMIN_API_KEYS) are accepted.", file=sys.stderr, flush=True)
     return settings
 
 
-def one_time_mock_key() -> str:
-    """Make the one-time client key of a mock-provider server that was given none, and print it once.
+# Where development keys are kept: the .env file that Settings reads, in the directory the server starts in.
+DEVELOPMENT_KEYS_FILE = Path(".env")
 
-    It goes into the environment so that gunicorn's workers, forked after gunicorn.conf.py loaded the
-    settings, share the key that was printed instead of each making its own.
+
+def with_development_keys(settings: Settings, overrides: dict) -> Settings:
+    """A mock-provider server with no API_KEYS: make a client key (and, with no ADMIN_API_KEYS either, an admin key).
+
+    They are appended to .env, once, so that a restart reads them back and a key the developer copied keeps
+    working; the mock answers offline, so nothing but its fake answers and /metrics is behind them. The
+    development admin key is not rate limited (unless ADMIN_RATE_LIMIT says otherwise), so that the contract
+    tools can run against a local server. They also go into the environment, so that gunicorn's workers, forked
+    after gunicorn.conf.py loaded the settings, find the same keys.
     """
-    key = secrets.token_urlsafe(24)
-    os.environ["API_KEYS"] = key
-    print(
-        "genapi: API_KEYS is not set, so this mock-provider server made a one-time client key.\n"
-        f"genapi: send it as the X-API-KEY header: {key}\n"
-        "genapi: set API_KEYS (and OPENAI_API_KEY for a real model) to choose your own.",
-        file=sys.stderr,
-        flush=True,
-    )
-    return key
+    made = {"API_KEYS": f"dev:{secrets.token_urlsafe(24)}"}
+    if not split_list(settings.admin_api_keys.get_secret_value()):
+        made["ADMIN_API_KEYS"] = f"dev-admin:{secrets.token_urlsafe(24)}"
+        if not settings.admin_rate_limit:
+            made["ADMIN_RATE_LIMIT"] = "none"
+    with DEVELOPMENT_KEYS_FILE.open("a", encoding="utf-8") as dotenv:
+        dotenv.write(
+            "\n# Development keys of the mock provider, made by genapi on its first start with no API_KEYS; kept here\n"
+            "# so that they survive a restart. Replace them with your own keys (and set OPENAI_API_KEY) for real use.\n"
+        )
+        dotenv.writelines(f"{variable}={value}\n" for variable, value in made.items())
+    os.environ.update(made)
+    lines = ["genapi: API_KEYS was not set, so this mock-provider server made development keys and wrote them to .env,"]
+    lines.append("genapi: where every restart finds them. Send one as the X-API-KEY header:")
+    lines.append(f"genapi:   client key: {made['API_KEYS'].removeprefix('dev:')}")
+    if "ADMIN_API_KEYS" in made:
+        lines.append(f"genapi:   admin key:  {made['ADMIN_API_KEYS'].removeprefix('dev-admin:')}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return Settings(**overrides)

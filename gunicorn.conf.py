@@ -40,7 +40,7 @@ bind = f"0.0.0.0:{settings.port}"
 workers = settings.web_concurrency
 
 # A model call spends seconds waiting on the network. gevent workers hold many such calls in flight each, while
-# the code on the request path stays plain and synchronous (README, "Worker model"). WORKER_CLASS switches.
+# the code on the request path stays plain and synchronous (docs/worker-model.md). WORKER_CLASS switches.
 worker_class = settings.worker_class
 worker_connections = settings.worker_connections  # in-flight requests per gevent worker
 threads = settings.threads if settings.worker_class == "gthread" else 1  # in-flight requests per gthread worker
@@ -57,7 +57,7 @@ keepalive = 95
 
 # Heroku collects logs from stdout and stderr. The access log is genapi's own JSON line per request, on stdout
 # (genapi/logs.py), which says more than gunicorn's; gunicorn's access line would cost ~0.1 ms of CPU per request
-# (README, "Where the CPU goes"), so it is off unless ACCESS_LOG=true, and then it shows the path without the query
+# (docs/cpu-profile.md), so it is off unless ACCESS_LOG=true, and then it shows the path without the query
 # string, where a careless client may have put its key. gunicorn's error log goes to stderr.
 accesslog = "-" if settings.access_log else None
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%({x-request-id}o)s"'

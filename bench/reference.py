@@ -1,8 +1,8 @@
-"""The issue's two yardsticks, measured on this machine in the same run as the service, to tell how fast it is.
+"""Two reference measurements, taken on this machine in the same run as the service, to tell how fast it is.
 
-Issue 4 gives them "for scale" on the machine its targets were set on: one SDK chat call costs about 1.0 ms of CPU
-in-process, and a bare Flask route answers about 7,000 req/s. Machines that run the benchmark differ by more
-than two times in speed (README, "Benchmark"), so the table shows both beside the service's own numbers.
+The benchmark's targets were set on a machine where one SDK chat call costs about 1.0 ms of CPU in-process and a
+bare Flask route answers about 7,000 req/s. Machines that run the benchmark differ by more than two times in speed
+(docs/benchmark.md), so the table shows both beside the service's own numbers.
 """
 
 import time
@@ -10,8 +10,8 @@ import time
 import openai
 from flask import Flask
 
-ISSUE_SDK_CALL_CPU_MS = 1.0
-ISSUE_BARE_FLASK_RPS = 7000
+TARGET_MACHINE_SDK_CALL_CPU_MS = 1.0
+TARGET_MACHINE_BARE_FLASK_RPS = 7000
 
 # gunicorn serves this the way the Procfile serves genapi (the same worker class and count), without genapi.
 app = Flask(__name__)

@@ -1,4 +1,4 @@
-"""gunicorn's settings for the bare Flask yardstick (bench/reference.py): genapi's default worker class and sizes."""
+"""gunicorn's settings for the bare Flask reference (bench/reference.py): genapi's default worker class and sizes."""
 
 from gevent import monkey
 

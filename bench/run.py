@@ -1,13 +1,13 @@
 """genapi's benchmark: the Procfile's service against the fake upstream, loaded by wrk, in one run.
 
-    .venv/bin/python bench/run.py            # the full run, about 2 minutes; prints the table for the README
+    .venv/bin/python bench/run.py            # the full run, about 2 minutes; prints the table for docs/benchmark.md
     .venv/bin/python bench/run.py --quick    # every scenario for ~2 s with fewer clients; CI's smoke, asserts no speed
 
 It starts tests/fake_openai.py as its own process, then the service exactly as the Procfile does (same command, PORT
 set, default configuration), drives POST /generate with wrk, and reads the CPU time and memory of the service's
 processes (the gunicorn master and its workers) from /proc before and after each scenario. The instant-upstream
 scenarios run the same wrk against the fake upstream directly, in the same run, so their ratios hold on a noisy
-machine. The README's "Benchmark" section explains the numbers.
+machine. docs/benchmark.md explains the numbers.
 """
 
 import argparse
@@ -22,13 +22,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.reference import ISSUE_BARE_FLASK_RPS, ISSUE_SDK_CALL_CPU_MS, sdk_call_cpu_ms  # noqa: E402
+from bench.reference import TARGET_MACHINE_BARE_FLASK_RPS, TARGET_MACHINE_SDK_CALL_CPU_MS, sdk_call_cpu_ms  # noqa: E402
 from tests.procfile import ProcfileService, free_port  # noqa: E402
 
 API_KEY = "bench-key-0123456789"
@@ -125,6 +126,27 @@ def wait_for_port(port: int, seconds: float = 10) -> None:
     raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
+def wait_until_answers(port: int, path: str, body: str, api_key: str = "", seconds: float = 120) -> None:
+    """Until a real request gets a 200: on a busy machine a port that accepts connections may not answer for seconds."""
+    headers = {"Content-Type": "application/json"} | ({"X-API-KEY": api_key} if api_key else {})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body.encode(), headers=headers)
+    deadline, problem = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                if response.status == 200:
+                    return
+        except OSError as error:  # refused, timed out, or an HTTP error status
+            problem = error
+        time.sleep(0.1)
+    raise SystemExit(f"127.0.0.1:{port}{path} did not answer 200 within {seconds:g} s: {problem}")
+
+
+def share_of(part: float, whole: float) -> str:
+    """`part` as a percentage of `whole`, or a plain word when `whole` is zero (no answers to compare with)."""
+    return f"{part / whole:.1%}" if whole else "n/a (nothing answered)"
+
+
 class FakeUpstream:
     """tests/fake_openai.py in its own process, on a fixed port, so the service can outlive a restart of it."""
 
@@ -134,6 +156,7 @@ class FakeUpstream:
         command = [sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--port", str(port), "--delay", str(delay)]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for_port(port)
+        wait_until_answers(port, "/v1/chat/completions", DIRECT_BODY)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -165,7 +188,7 @@ def wrk(port: int, path: str, body: str, clients: int, seconds: float, stagger: 
     if finished.returncode != 0 or line is None:
         raise SystemExit(f"wrk failed ({finished.returncode}):\n{finished.stdout}\n{finished.stderr}")
     numbers = json.loads(line.removeprefix("BENCH "))
-    numbers["rps"] = numbers["requests"] / numbers["seconds"]
+    numbers["rps"] = numbers["requests"] / numbers["seconds"] if numbers["seconds"] else 0.0
     numbers["window_rps"] = numbers["in_window"] / seconds if ramp else None
     numbers["errors"] = numbers["non_2xx"] + numbers["socket_errors"]
     return numbers
@@ -191,12 +214,12 @@ def verdict(ok: bool) -> str:
 
 
 def times(slowdown: float) -> str:
-    """How a machine that takes `slowdown` times as long as the issue's compares with it, in words."""
+    """How a machine that takes `slowdown` times as long as the targets' machine compares with it, in words."""
     return f"{slowdown:.2f}x slower than" if slowdown >= 1 else f"{1 / slowdown:.2f}x faster than"
 
 
 def verdicts(value: float, limit: float, speed: float) -> str:
-    """The verdict on a CPU-bound target, and, on a slower machine than the issue's, on the target scaled to it."""
+    """The verdict on a CPU-bound target, and, on a slower machine than the targets', on the target scaled to it."""
     plain = verdict(value <= limit)
     return plain if speed <= 1 else f"{plain} {limit:g} ms; {verdict(value <= limit * speed)} {limit * speed:.2f} ms scaled"
 
@@ -215,8 +238,9 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
     service = ProcfileService(env, workdir / "service.log")
     rows: list[Row] = []
     try:
-        service.wait_until_healthy()
+        service.wait_until_healthy(seconds=120)
         startup = time.monotonic() - launched
+        wait_until_answers(service.port, "/generate", SERVICE_BODY, API_KEY)
         rows.append(Row("start-up: launch to first 200 on /healthz", versus=f"{startup:.2f} s", target=verdict(startup < 3)))
 
         # Warm up the workers and open the upstream connections, then measure; the clients are spread over one
@@ -231,14 +255,14 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
             ok = ok and (p99_limit is None or numbers["p99_ms"] <= p99_limit)
             numbers["upstream_cpu_share"] = (cpu_seconds(upstream.process.pid) - upstream_cpu) / plan.seconds
             rows.append(row(f"{clients} clients, upstream {plan.upstream_delay:g} s, {plan.seconds:g} s", numbers,
-                            f"{numbers['window_rps'] / ideal:.1%} of ideal {ideal:g}/s (wrk's rate over the whole run,"
-                            f" ramp included: {numbers['rps'] / ideal:.1%})", verdict(ok), rps=numbers["window_rps"]))  # fmt: skip
+                            f"{share_of(numbers['window_rps'], ideal)} of ideal {ideal:g}/s (wrk's rate over the whole run,"
+                            f" ramp included: {share_of(numbers['rps'], ideal)})", verdict(ok), rps=numbers["window_rps"]))  # fmt: skip
 
         upstream.stop()  # the same port, now answering at once; the service keeps running
         upstream = FakeUpstream(upstream_port, 0.0, workdir / "upstream.log")
         load_service(service, plan.busy_clients, plan.warmup_seconds)
 
-        # The machine's speed by the issue's own yardstick, one SDK call's CPU, measured right before and right after
+        # The machine's speed by the reference, one SDK call's CPU, measured right before and right after
         # the scenarios it scales: a shared machine's speed drifts from minute to minute.
         sdk_calls = 200 if plan is QUICK else 2000
         upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
@@ -249,7 +273,7 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
             numbers = load_service(service, clients, plan.instant_seconds)
             measured.append((clients, direct, numbers))
         sdk_ms.append(sdk_call_cpu_ms(upstream_url, sdk_calls))
-        speed = sum(sdk_ms) / len(sdk_ms) / ISSUE_SDK_CALL_CPU_MS  # how many times slower than the issue's machine
+        speed = sum(sdk_ms) / len(sdk_ms) / TARGET_MACHINE_SDK_CALL_CPU_MS  # how many times slower than the targets' machine
         bare = load_bare_flask(plan.busy_clients, plan.instant_seconds, workdir)
 
         for clients, direct, numbers in measured:
@@ -259,13 +283,14 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
                 added = numbers["p50_ms"] - direct["p50_ms"]
                 versus, target = f"+{added:.2f} ms p50 over direct", verdicts(added, 1.5, speed)
             else:
-                versus, target = f"{numbers['rps'] / direct['rps']:.1%} of direct", verdicts(numbers["cpu_ms_per_request"], 1.5, speed)
+                versus, target = f"{share_of(numbers['rps'], direct['rps'])} of direct", verdicts(numbers["cpu_ms_per_request"], 1.5, speed)
             rows.append(row(f"{name}: through genapi", numbers, versus, target if numbers["errors"] == 0 else "MISSES: errors"))
 
-        rows.append(Row("yardstick: one SDK chat call, CPU in-process (before, after)", cpu_ms_per_request=speed * ISSUE_SDK_CALL_CPU_MS,
-                        versus=f"{sdk_ms[0]:.2f} and {sdk_ms[1]:.2f} ms: {speed:.2f}x the issue's {ISSUE_SDK_CALL_CPU_MS:g} ms"))  # fmt: skip
-        rows.append(row(f"yardstick: bare Flask route, same gunicorn, {plan.busy_clients} clients", bare,
-                        f"{times(ISSUE_BARE_FLASK_RPS / bare['rps'])} the issue's {ISSUE_BARE_FLASK_RPS:,}/s"))  # fmt: skip
+        rows.append(Row("reference: one SDK chat call, CPU in-process (before, after)", cpu_ms_per_request=speed * TARGET_MACHINE_SDK_CALL_CPU_MS,
+                        versus=f"{sdk_ms[0]:.2f} and {sdk_ms[1]:.2f} ms: {speed:.2f}x the targets' machine's {TARGET_MACHINE_SDK_CALL_CPU_MS:g} ms"))  # fmt: skip
+        rows.append(row(f"reference: bare Flask route, same gunicorn, {plan.busy_clients} clients", bare,
+                        f"{times(TARGET_MACHINE_BARE_FLASK_RPS / bare['rps']) if bare['rps'] else 'nothing answered, unlike'} "
+                        f"the targets' machine's {TARGET_MACHINE_BARE_FLASK_RPS:,}/s"))  # fmt: skip
 
         # RSS counts the pages a worker shares with the master once per process; PSS splits them, so the PSS sum is
         # what the service's processes hold in memory together.
@@ -287,6 +312,7 @@ def load_bare_flask(clients: int, seconds: float, workdir: Path) -> dict:
         server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(port)
+            wait_until_answers(port, "/", "{}")
             wrk(port, "/", "{}", clients, 1)  # warm up
             return wrk(port, "/", "{}", clients, seconds)
         finally:

@@ -7,6 +7,11 @@ from flask import current_app, g, request
 from genapi.errors import ApiError
 from genapi.keys import Client
 
+MISSING_KEY_MESSAGE = (
+    "Send your key in the X-API-KEY header. Keys come from whoever runs this service (its API_KEYS setting); a "
+    "local server on the mock provider writes its development keys to its .env file."
+)
+
 
 def authenticate() -> Client:
     """The client behind the X-API-KEY header: 401 without one, 403 for a key that is not accepted."""
@@ -16,7 +21,7 @@ def authenticate() -> Client:
         # Counted against the caller's address by AUTH_FAILURE_LIMIT (genapi.limits), to slow down key guessing.
         g.authentication_failed = True
         if not presented:
-            raise ApiError(401, "Send your key in the X-API-KEY header.", code="missing_api_key")
+            raise ApiError(401, MISSING_KEY_MESSAGE, code="missing_api_key")
         raise ApiError(403, "The X-API-KEY is not accepted.", code="invalid_api_key")
     g.client = client
     return client

@@ -22,4 +22,5 @@ def create_key(name: str, admin: bool) -> None:
     variable = "ADMIN_API_KEYS" if admin else "API_KEYS"
     click.echo(f"key:   {key}")
     click.echo(f"entry: {name}:{HASH_PREFIX}{digest(key).hex()}")
-    click.echo(f"Give the key to its client; add the entry to {variable} (comma-separated). Only the entry is kept.")
+    # The result is the two lines above, on stdout; the advice goes to stderr, so that a script can read the result.
+    click.echo(f"Give the key to its client; add the entry to {variable} (comma-separated). Only the entry is kept.", err=True)

@@ -67,7 +67,8 @@ def from_http_exception(exc: HTTPException) -> ApiError:
     if exc.code == 405 and exc.valid_methods:
         headers["Allow"] = ", ".join(exc.valid_methods)
     message = {
-        404: "No such route. POST /generate is the endpoint; GET /healthz checks the service.",
+        404: "No such route. POST /generate is the endpoint; the interactive docs are at /docs and the OpenAPI "
+        "document at /openapi.json.",
         413: f"The request body is larger than MAX_CONTENT_LENGTH ({current_app.config['MAX_CONTENT_LENGTH']} bytes).",
     }.get(exc.code, exc.description)
     return ApiError(exc.code, message, code=HTTP_ERROR_CODES.get(exc.code), headers=headers)

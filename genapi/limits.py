@@ -84,9 +84,9 @@ def charge(cost: int) -> None:
     """Count `cost` requests against the calling client's limit, all or none: 429 when fewer are left.
 
     This goes straight to Flask-Limiter's rate-limiting strategy (`Limiter.limiter`): Flask-Limiter's evaluation
-    of a limit costs ~0.1 ms of CPU per request, a fifteenth of the service's budget (README, "Where the CPU
-    goes"), and the client and the cost are only known here, in the view. While Redis is unusable, the storage
-    counts in this process's memory.
+    of a limit costs ~0.1 ms of CPU per request, a fifteenth of the service's budget (docs/cpu-profile.md),
+    and the client and the cost are only known here, in the view. While Redis is unusable, the storage counts in
+    this process's memory.
     """
     limit = current_app.extensions["genapi"]["key_limits"].of(g.client)
     if limit is None:

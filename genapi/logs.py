@@ -45,19 +45,24 @@ class JsonFormatter(logging.Formatter):
 
 
 class StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when the line is written (so test capture sees it), flushing each line."""
+    """Writes to whatever sys.stdout (or sys.stderr) is when the line is written, so test capture sees it."""
+
+    to_stderr = False
 
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stderr if self.to_stderr else sys.stdout
 
     @stream.setter
     def stream(self, _ignored):
         pass
 
 
-def configure_logging(level: str) -> None:
-    """Send every log record, ours and the libraries', to stdout as JSON, at the given level; safe to call twice."""
+def configure_logging(level: str, to_stderr: bool = False) -> None:
+    """Send every log record, ours and the libraries', to stdout (or stderr) as JSON, at the given level.
+
+    Safe to call twice; the last call says where the lines go.
+    """
     root = logging.getLogger()
     root.setLevel(level)
     # No line shows the caller's file and line, so logging need not walk the stack for them on every record (the
@@ -65,10 +70,12 @@ def configure_logging(level: str) -> None:
     logging._srcfile = None
     # httpx2 logs every upstream call at INFO, which the request line already says: one line per request, not two.
     logging.getLogger("httpx2").setLevel("WARNING" if level == "INFO" else level)
-    if not any(isinstance(handler, StdoutHandler) for handler in root.handlers):
+    handler = next((handler for handler in root.handlers if isinstance(handler, StdoutHandler)), None)
+    if handler is None:
         handler = StdoutHandler()
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
+    handler.to_stderr = to_stderr
 
 
 def log_request(status: int, seconds: float, log_prompts: bool) -> None:

@@ -49,8 +49,8 @@ class MockProvider:
     """Answers offline and deterministically from the prompt, and says "model": "mock" so nobody mistakes it."""
 
     def complete(self, generation: Generation, deadline: float | None = None) -> Completion:
-        seed = hashlib.sha256(generation.prompt.encode()).hexdigest()[:8]
-        words = f"Mock answer {seed}: this is genapi's offline mock provider, not a model. You said: {generation.prompt}"
+        tag = hashlib.sha256(generation.prompt.encode()).hexdigest()[:8]
+        words = f"Mock answer {tag}: this is genapi's offline mock provider, not a model. You said: {generation.prompt}"
         words = words.split()
         text = " ".join(words[: generation.max_tokens])
         prompt_tokens = len(generation.prompt.split()) + len((generation.system or "").split())
@@ -251,7 +251,7 @@ class OpenAIProvider:
         try:
             # The SDK's client (auth, retries, timeouts, error classes) with the body as plain JSON and the answer as
             # the raw response: skipping the typed-params transform and the response model saves ~0.4 ms of CPU per
-            # call (README, "Where the CPU goes"); _to_completion checks the answer's shape instead.
+            # call (docs/cpu-profile.md); _to_completion checks the answer's shape instead.
             response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response, options=options)
         except openai.APITimeoutError:
             raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None

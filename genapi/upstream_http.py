@@ -44,7 +44,7 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
     httpcore2's connection pool walks all its connections twice per call, probing the socket of every idle one, to
     choose which to reuse and which to close. With a connection kept alive per call in flight, that walk grew with
     the load: at 250 calls in flight per worker it was most of the difference between a worker's CPU per request
-    at 32 and at 500 clients (README, "Where the CPU goes"). Here every idle connection waits in a transport of its
+    at 32 and at 500 clients (docs/cpu-profile.md). Here every idle connection waits in a transport of its
     own (httpx2's, limited to one connection) in a deque: a call takes the newest, or makes one, and puts it back
     when its response is closed. httpcore2 still checks that one connection (keep-alive expiry, closed by the
     server) before using it, and each put-back closes the oldest idle connection once it has outlived the
@@ -311,7 +311,7 @@ def probe_idle_connections_without_gevent() -> None:
     Before each upstream call, and after it, httpcore2 polls every idle pooled connection (with a zero timeout) to
     see whether the server closed it. Under gevent's monkey-patching that poll is gevent's, Python code that builds
     watchers on the hub: with a connection kept per in-flight request it was a fifth of the service's CPU per
-    request (README, "Where the CPU goes"). A zero-timeout poll never blocks, so the original is safe here.
+    request (docs/cpu-profile.md). A zero-timeout poll never blocks, so the original is safe here.
     """
     import select
 

@@ -174,7 +174,7 @@ class PrivateRedis:
         )
         self.url = f"redis://:{self.PASSWORD}@127.0.0.1:{self.port}/0"
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous, for a busy machine
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 client.ping()

@@ -248,7 +248,9 @@ class FakeOpenAI:
         """Serve on a free port from a daemon thread; returns once it is listening."""
         started = threading.Event()
         threading.Thread(target=asyncio.run, args=(self._serve(0, started),), daemon=True).start()
-        started.wait(10)
+        # Generous, for a busy machine; a server that never listens is a failure, not a test that hangs later.
+        if not started.wait(60):
+            raise RuntimeError("the fake OpenAI server did not start listening within 60 s")
         return self
 
 

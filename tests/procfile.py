@@ -44,7 +44,8 @@ class ProcfileService:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_until_healthy(self, seconds: float = 20) -> None:
+    def wait_until_healthy(self, seconds: float = 90) -> None:
+        """Until /healthz answers 200; generous, since a busy machine may take many seconds to start gunicorn."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

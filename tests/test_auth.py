@@ -60,3 +60,8 @@ def test_malformed_key_entry_stops_start_up_naming_api_keys(entry, capsys, monke
     with pytest.raises(SystemExit):
         load_settings(_env_file=None)
     assert "API_KEYS:" in capsys.readouterr().err
+
+
+def test_a_missing_keys_401_says_where_keys_come_from(client):
+    message = client.post("/generate", json={"prompt": "x"}).get_json()["error"]["message"]
+    assert "X-API-KEY" in message and "API_KEYS" in message and ".env" in message

@@ -131,7 +131,7 @@ def test_batch_calls_run_concurrently_up_to_batch_concurrency(fake_openai):
 
 
 def test_a_batch_of_8_one_second_prompts_answers_in_under_2_5_seconds_in_order(fake_openai):
-    # The Done-when bound of issue 3; concurrency itself is proven by the calls the fake saw in flight at once.
+    # About as long as its slowest prompt; concurrency itself is proven by the calls the fake saw in flight at once.
     fake_openai.delay = 1
     client = create_app(make_settings(openai_base_url=fake_openai.base_url)).test_client()
     prompts = [f"prompt {n}" for n in range(7)] + ["prompt 7 FAIL:500"]

@@ -3,11 +3,14 @@
 import json
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from config import Settings, load_settings, worst_case_upstream_seconds
+from genapi.require_python import require_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,14 +81,102 @@ def test_openai_provider_without_client_keys_refuses_to_start(clean_env, monkeyp
     assert "API_KEYS" in error
 
 
-def test_mock_provider_without_client_keys_makes_one_key_and_prints_it_once(clean_env, monkeypatch, capsys):
+def development_keys(settings) -> tuple[str, str]:
+    return settings.api_keys.get_secret_value(), settings.admin_api_keys.get_secret_value()
+
+
+def restart(monkeypatch) -> None:
+    """A new process: what the last one put in its environment is gone, .env stays."""
+    for variable in ("API_KEYS", "ADMIN_API_KEYS", "ADMIN_RATE_LIMIT"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def test_mock_provider_without_keys_makes_a_client_and_an_admin_key_and_prints_them(clean_env, capsys):
+    client_key, admin_key = development_keys(load_settings())
+    assert client_key.startswith("dev:") and admin_key.startswith("dev-admin:")
+    printed = capsys.readouterr().err
+    assert client_key.removeprefix("dev:") in printed
+    assert admin_key.removeprefix("dev-admin:") in printed
+
+
+def test_development_keys_are_written_to_dotenv_and_a_restart_keeps_them(clean_env, monkeypatch, capsys):
+    first = development_keys(load_settings())
+    restart(monkeypatch)
+    assert development_keys(load_settings()) == first
+    dotenv = (clean_env / ".env").read_text()
+    assert dotenv.count(first[0]) == 1 and dotenv.count(first[1]) == 1
+
+
+def test_workers_forked_after_the_master_find_its_development_keys_without_writing_again(clean_env, capsys):
+    first = development_keys(load_settings())
+    capsys.readouterr()
+    assert development_keys(load_settings()) == first
+    assert capsys.readouterr().err == ""
+    assert (clean_env / ".env").read_text().count("API_KEYS=dev:") == 1
+
+
+def test_development_keys_are_appended_to_an_env_example_copy_and_win_over_its_empty_lines(clean_env, monkeypatch):
+    (clean_env / ".env").write_text((ROOT / ".env.example").read_text())
+    first = development_keys(load_settings())
+    restart(monkeypatch)
+    assert development_keys(load_settings()) == first
+
+
+def test_the_development_admin_key_is_not_rate_limited_unless_admin_rate_limit_says_so(clean_env, monkeypatch):
+    assert load_settings().admin_rate_limit == "none"
+    restart(monkeypatch)
+    (clean_env / ".env").unlink()
+    monkeypatch.setenv("ADMIN_RATE_LIMIT", "5/minute")
+    assert load_settings().admin_rate_limit == "5/minute"
+
+
+def test_only_admin_keys_on_the_mock_provider_still_get_a_development_client_key(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv("ADMIN_API_KEYS", "ops:my-admin-key")
     settings = load_settings()
-    key = settings.api_keys.get_secret_value()
-    assert len(key) >= 32
-    assert capsys.readouterr().err.count(key) == 1
-    # gunicorn's workers load the settings again after the fork; they must find the same key, and not print it.
-    assert load_settings().api_keys.get_secret_value() == key
-    assert key not in capsys.readouterr().err
+    assert settings.api_keys.get_secret_value().startswith("dev:")
+    assert settings.admin_api_keys.get_secret_value() == "ops:my-admin-key"
+    assert "admin key" not in capsys.readouterr().err
+
+
+def test_own_client_keys_on_the_mock_provider_write_nothing(clean_env, monkeypatch):
+    monkeypatch.setenv("API_KEYS", "alice:her-key")
+    assert load_settings().admin_api_keys.get_secret_value() == ""
+    assert not (clean_env / ".env").exists()
+
+
+def test_only_admin_keys_with_a_real_model_start_and_say_only_admins_are_accepted(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    monkeypatch.setenv("ADMIN_API_KEYS", "ops:my-admin-key")
+    assert load_settings().api_keys.get_secret_value() == ""
+    assert "only admin keys" in capsys.readouterr().err
+    assert not (clean_env / ".env").exists()
+
+
+def test_a_command_line_tool_makes_no_development_keys(clean_env):
+    assert load_settings(serving=False).api_keys.get_secret_value() == ""
+    assert not (clean_env / ".env").exists()
+
+
+def test_an_older_python_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        require_python((3, 10, 13, "final", 0))
+    assert re.fullmatch(r"genapi needs Python 3\.11 or newer; this is Python 3\.10 \(.+\)\.", str(stopped.value))
+    require_python((3, 11, 0, "final", 0))  # no exit
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.9", "2.7"])
+def test_an_older_interpreter_running_the_run_commands_first_step_gets_one_line(version):
+    # pyenv's own builds first: its shims answer only for the versions selected in the current directory.
+    found = sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python"))
+    interpreter = found[0] if found else shutil.which(f"python{version}")
+    if interpreter and ".pyenv/shims" in str(interpreter):
+        interpreter = None
+    if interpreter is None:
+        pytest.skip(f"no Python {version} on this machine (pyenv install {version})")
+    run = subprocess.run([str(interpreter), "-m", "genapi.require_python"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "genapi needs Python 3.11 or newer" in run.stderr
 
 
 def test_settings_repr_hides_secrets(clean_env):
@@ -139,13 +230,22 @@ def test_env_example_copied_to_dotenv_starts_with_the_defaults(clean_env, monkey
     assert settings.llm_provider == "mock"
 
 
+def section(markdown: str, heading: str) -> str:
+    """The text under a heading, up to the next heading of its level."""
+    start = markdown.index(f"\n{heading}\n")
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start : end if end != -1 else None]
+
+
 def test_every_setting_is_in_the_readme_env_example_and_app_json():
     variables = {name.upper() for name in Settings.model_fields}
     readme = (ROOT / "README.md").read_text()
-    configuration = readme[readme.index("## Configuration") : readme.index("**Keys.**")]
+    configuration = section(readme, "## Configuration")
     assert set(re.findall(r"^\| `([A-Z_]+)` \|", configuration, re.MULTILINE)) == variables
-    assert set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE)) == variables
-    # Heroku sets PORT itself.
+    # PORT is given by whatever starts the process (Heroku, honcho, `heroku local`): .env.example only explains it.
+    env_example = (ROOT / ".env.example").read_text()
+    assert set(re.findall(r"^([A-Z_]+)=", env_example, re.MULTILINE)) == variables - {"PORT"}
+    assert re.search(r"^# PORT\b", env_example, re.MULTILINE)
     assert set(json.loads((ROOT / "app.json").read_text())["env"]) == variables - {"PORT"}
 
 

@@ -134,7 +134,7 @@ def test_procfile_service_logs_hold_no_key(fake_openai, start_procfile_service):
 
 def test_procfile_refuses_to_start_with_a_wrong_setting(tmp_path):
     service = ProcfileService({"API_KEYS": "k", "OPENAI_TIMEOUT": "soon"}, tmp_path / "web.log", port=free_port())
-    assert service.process.wait(20) != 0
+    assert service.process.wait(60) != 0
     assert "OPENAI_TIMEOUT" in service.output()
 
 

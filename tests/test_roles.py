@@ -116,6 +116,23 @@ def test_create_key_runs_from_the_flask_command_before_any_key_is_set(tmp_path):
     assert "entry: first:sha256:" in result.stdout
 
 
+@pytest.mark.parametrize("upstream_key", ["sk-not-used", None], ids=["real model", "mock provider"])
+def test_create_key_prints_only_the_key_and_the_entry_on_stdout_and_no_warning_about_keys(tmp_path, upstream_key):
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    if upstream_key:
+        environment["OPENAI_API_KEY"] = upstream_key
+    flask = Path(sys.executable).parent / "flask"
+    result = subprocess.run(
+        [str(flask), "--app", "app", "create-key", "alice"],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["key", "entry"]
+    assert "API_KEYS" in result.stderr  # the advice: where the entry goes
+    assert "refused" not in result.stderr and "development keys" not in result.stderr
+
+
 def test_flask_run_without_client_keys_refuses_to_start_like_gunicorn(tmp_path):
     environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OPENAI_API_KEY": "sk-not-used"}
     flask = Path(sys.executable).parent / "flask"

@@ -1,4 +1,4 @@
-"""Issue 3's Done-when list, end to end: instances started from the Procfile (gunicorn, gevent workers) sharing
+"""Scaling out, end to end: instances started from the Procfile (gunicorn, gevent workers) sharing
 one Redis, in front of the loopback fake OpenAI server."""
 
 import json
@@ -52,7 +52,7 @@ def call(url, path="/generate", body=None, key=USER_KEY, headers=None):
 
 def get(url, path):
     try:
-        with urllib.request.urlopen(url + path, timeout=5) as response:
+        with urllib.request.urlopen(url + path, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
