@@ -7,6 +7,7 @@ genapi.errors turns into the one error shape. Every answer then passes `finish_r
 metrics (genapi.metrics) and writes its one JSON log line (genapi.logs).
 """
 
+import functools
 import logging
 import os
 import re
@@ -27,10 +28,11 @@ from genapi.commands import create_key
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, KeyRing
 from genapi.limits import build_limiter, charge
-from genapi.logs import configure_logging, log_request
+from genapi.logs import configure_logging, log_request, stream_record
 from genapi.openapi import build_openapi
-from genapi.providers import Completion, Generation, build_provider
+from genapi.providers import Completion, Generation, build_provider, chat_body
 from genapi.redis_state import RedisState
+from genapi.streaming import CachedStream, GenerateEvents, StreamLimits, StreamRelay, stream_response
 from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body
 
 log = logging.getLogger("genapi")
@@ -112,10 +114,15 @@ def start_request() -> None:
 
 
 def finish_request(response: Response) -> Response:
-    """Every answer, success or error: its X-Request-ID header, its metrics, its one log line."""
+    """Every answer, success or error: its X-Request-ID header, its metrics, its one log line.
+
+    A stream's metrics and log line come from its StreamRelay when it ends, not here as it begins.
+    """
     if "request_id" not in g:  # an error before start_request ran
         g.request_id = new_request_id()
     response.headers["X-Request-ID"] = g.request_id
+    if "stream_relay" in g:
+        return response
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     route = request.url_rule.rule if request.url_rule else None
     metrics.count_request(route, request.method, response.status_code, seconds)
@@ -207,10 +214,42 @@ def generate():
     body = read_json_body(state("GenerateRequest"))
     generation = generation_from(body, body.prompt, client)
     charge(1)
+    if body.stream:
+        return stream_answer(client, generation, wants_fresh_answer())
     result = answer(client, generation, g.request_id, wants_fresh_answer())
     response = jsonify(result)
     if state("cache"):
         response.headers["X-Cache"] = "HIT" if result["cached"] else "MISS"
+    return response
+
+
+def stream_answer(client: Client, generation: Generation, fresh: bool) -> Response:
+    """/generate's answer as a stream: from the cache when it holds one, else relayed from the provider, then cached."""
+    settings: Settings = state("settings")
+    g.exchange = {"prompt": generation.prompt, "system": generation.system, "output": None}
+    cache = state("cache")
+    key = cache_key(client.name, generation) if cache else None
+    stored = cache.get(key) if cache and not fresh else None
+    if cache and not fresh:
+        metrics.count_cache_lookup(stored is not None)
+    if stored is not None:
+        g.cached = True
+        open_upstream = functools.partial(CachedStream, stored)
+    else:
+        body = chat_body(generation) | {"stream": True, "stream_options": {"include_usage": True}}
+        open_upstream = functools.partial(state("provider").open_stream, body)
+    relay = StreamRelay(
+        open_upstream,
+        GenerateEvents(g.request_id, cached=stored is not None),
+        StreamLimits.from_settings(settings),
+        stream_record(settings.log_prompts),
+        prompt_chars=len(generation.prompt) + len(generation.system or ""),
+        model=generation.model,
+        on_complete=functools.partial(cache.put, key) if cache and stored is None else None,
+    )
+    response = stream_response(relay)
+    if cache:
+        response.headers["X-Cache"] = "HIT" if stored is not None else "MISS"
     return response
 
 

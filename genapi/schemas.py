@@ -110,6 +110,11 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
         """The body of POST /generate."""
 
         prompt: Prompt = Field(description="The text to complete; not blank.")
+        stream: bool = Field(
+            default=False,
+            description="Answer as a stream of server-sent events (text/event-stream): `delta` events with the "
+            "text as it arrives, then one `done` event, or an `error` event.",
+        )
 
     class BatchRequest(GenerationOptions):
         """The body of POST /generate/batch: the options apply to every prompt."""
