@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import click
 import httpx2
 from flask import Flask, Response, current_app, g, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings, split_list
-from genapi import metrics
+from genapi import metrics, v1
 from genapi.auth import authenticate, require_admin
 from genapi.cache import build_cache, cache_key
 from genapi.commands import create_key
@@ -33,7 +32,7 @@ from genapi.openapi import build_openapi
 from genapi.providers import Completion, Generation, build_provider, chat_body
 from genapi.redis_state import RedisState
 from genapi.streaming import CachedStream, GenerateEvents, StreamLimits, StreamRelay, stream_response
-from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body
+from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body, read_body
 
 log = logging.getLogger("genapi")
 
@@ -75,6 +74,7 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     limiter = build_limiter(app, settings, redis_state)
     app.add_url_rule("/generate", view_func=generate, methods=["POST"])
     app.add_url_rule("/generate/batch", view_func=generate_batch, methods=["POST"])
+    app.register_blueprint(v1.blueprint)
     app.add_url_rule("/healthz", view_func=limiter.exempt(healthz), methods=["GET"])
     app.add_url_rule("/readyz", view_func=limiter.exempt(readyz), methods=["GET"])
     app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
@@ -132,15 +132,7 @@ def finish_request(response: Response) -> Response:
 
 def read_json_body(model):
     """The validated body: 415 unless it is declared JSON; 400, 413 and 422 come from reading and parsing it."""
-    if not request.is_json:
-        raise ApiError(415, "The body must be JSON, sent with Content-Type: application/json.", code="unsupported_media_type")
-    body = request.get_data(cache=False)
-    # A chunked body has no Content-Length to refuse up front, and Werkzeug stops reading it at the limit, silently:
-    # one more byte from the server's own stream tells a body of exactly the limit from a longer one.
-    if request.content_length is None and len(body) >= request.max_content_length:
-        if request.environ["wsgi.input"].read(1):
-            raise RequestEntityTooLarge()
-    return parse_body(model, body)
+    return parse_body(model, read_body())
 
 
 def generation_from(options, prompt: str, client: Client) -> Generation:
