@@ -314,12 +314,14 @@ class OpenAIProvider:
         The SDK's retries happen in here, before the first byte reaches the client, and never after.
         """
         try:
-            stream = self.stream_client.post(
+            # With the raw response as the answer, the SDK hands it over unread: its SSE parsing and chunk models
+            # would cost more CPU per chunk than the whole relay.
+            response = self.stream_client.post(
                 "/chat/completions", body=body, cast_to=httpx2.Response, stream=True, stream_cls=openai.Stream
             )
         except openai.APIError as error:
             raise self.failure(error, body.get("model")) from None
-        return HttpStream(stream.response)
+        return HttpStream(response)
 
     def complete(self, generation: Generation) -> Completion:
         body = chat_body(generation)

@@ -327,7 +327,8 @@ class StreamRelay:
                 yield self._end_with_error(ending)
                 return
             try:
-                kind, value = self._queue.get(timeout=min(bound, self._last_write + self._limits.heartbeat) - now)
+                wait = min(bound, self._last_write + self._limits.heartbeat) - now
+                kind, value = self._queue.get(timeout=max(0.0, wait))
             except queue.Empty:
                 if time.monotonic() < self._bound()[0]:
                     self._last_write = time.monotonic()
