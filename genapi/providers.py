@@ -5,10 +5,13 @@ with the status the contract gives it, so the route never sees an SDK exception.
 """
 
 import hashlib
+import json
 import logging
+import os
 import re
-import ssl
 import socket
+import ssl
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ import openai
 from config import Settings, worst_case_upstream_seconds
 from genapi.errors import ApiError
 from genapi.logs import sane_request_id
+from genapi.streaming import HttpStream
 from genapi.upstream_http import UpstreamAnswerTooLarge, UpstreamRedirected, upstream_http_client
 
 log = logging.getLogger("genapi")
@@ -46,12 +50,21 @@ class Completion:
 
 
 class MockProvider:
-    """Answers offline and deterministically from the prompt, and says "model": "mock" so nobody mistakes it."""
+    """Answers offline and deterministically from the prompt, and says "model": "mock" so nobody mistakes it.
+
+    It streams too, word by word, in the model server's own chunk format, so that one relay serves both providers.
+    """
+
+    def __init__(self, word_delay: float = 0.0):
+        self.word_delay = word_delay
+
+    @staticmethod
+    def _words(prompt: str) -> list[str]:
+        tag = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+        return f"Mock answer {tag}: this is genapi's offline mock provider, not a model. You said: {prompt}".split()
 
     def complete(self, generation: Generation, deadline: float | None = None) -> Completion:
-        tag = hashlib.sha256(generation.prompt.encode()).hexdigest()[:8]
-        words = f"Mock answer {tag}: this is genapi's offline mock provider, not a model. You said: {generation.prompt}"
-        words = words.split()
+        words = self._words(generation.prompt)
         text = " ".join(words[: generation.max_tokens])
         prompt_tokens = len(generation.prompt.split()) + len((generation.system or "").split())
         return Completion(
@@ -61,6 +74,91 @@ class MockProvider:
             prompt_tokens=prompt_tokens,
             completion_tokens=min(len(words), generation.max_tokens),
         )
+
+    def _chat_completion(self, body: dict) -> Completion:
+        messages = body["messages"]
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        generation = Generation(
+            prompt=message_text(last.get("content")) or "",
+            model="mock",
+            max_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or 50,
+        )
+        completion = self.complete(generation)
+        prompt_tokens = sum(len(message_text(m.get("content")).split()) for m in messages if isinstance(m, dict))
+        return Completion(completion.text, "mock", completion.finish_reason, prompt_tokens, completion.completion_tokens)
+
+    def chat(self, body: dict) -> tuple[bytes, dict]:
+        """A Chat Completions answer in OpenAI's shape, as its JSON text and its parsed form."""
+        completion = self._chat_completion(body)
+        answer = {
+            "id": f"chatcmpl-mock-{os.urandom(6).hex()}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": "mock",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason,
+                }
+            ],
+            "usage": usage_of(completion),
+        }
+        return json.dumps(answer).encode(), answer
+
+    def open_stream(self, body: dict) -> "MockStream":
+        return MockStream(self._chat_completion(body), self.word_delay)
+
+
+class MockStream:
+    """The mock's answer as the model server's stream chunks, a word at a time, `word_delay` seconds apart."""
+
+    upstream_request_id = None
+
+    def __init__(self, completion: Completion, word_delay: float):
+        self._completion = completion
+        self._word_delay = word_delay
+        self._aborted = threading.Event()
+
+    def batches(self):
+        """Lists of SSE data payloads, as StreamRelay reads them from any upstream."""
+        head = {"id": f"chatcmpl-mock-{os.urandom(6).hex()}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": "mock"}
+
+        def chunk(delta: dict, finish_reason=None, **extra) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            return json.dumps(head | {"choices": [choice]} | extra).encode()
+
+        yield [chunk({"role": "assistant", "content": ""})]
+        for position, word in enumerate(self._completion.text.split(" ")):
+            if self._aborted.wait(self._word_delay) if self._word_delay else self._aborted.is_set():
+                return
+            yield [chunk({"content": word if position == 0 else " " + word})]
+        usage = json.dumps(head | {"choices": [], "usage": usage_of(self._completion)}).encode()
+        yield [chunk({}, self._completion.finish_reason), usage, b"[DONE]"]
+
+    def abort(self) -> None:
+        self._aborted.set()
+
+    def close(self) -> None:
+        self._aborted.set()
+
+
+def message_text(content) -> str:
+    """The text of a chat message's content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def usage_of(completion: Completion) -> dict:
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
 
 
 class BoundedRetryOpenAI(openai.OpenAI):
@@ -112,7 +210,9 @@ def upstream_error_detail(error: openai.APIStatusError) -> dict | None:
 def names_the_model(error: openai.APIStatusError, model: str) -> bool:
     """Whether an upstream 404 is about the model asked for: OpenAI says so by code, Ollama and vLLM by its name."""
     detail = upstream_error_detail(error)
-    return detail is not None and (detail.get("code") == "model_not_found" or model in detail["message"])
+    if detail is None:
+        return False
+    return detail.get("code") == "model_not_found" or (isinstance(model, str) and bool(model) and model in detail["message"])
 
 
 # The error types with which OpenAI-compatible servers say that the request itself is wrong: OpenAI's, Ollama's,
@@ -211,9 +311,23 @@ class OpenAIProvider:
         )
         self._host = self.client.base_url.host
         self._worst_case_seconds = worst_case_upstream_seconds(settings.openai_timeout, settings.openai_max_retries)
+        # Streams get a client of their own: no per-attempt deadline (a stream may last STREAM_MAX_SECONDS), and a
+        # read timeout that is only a backstop, since StreamRelay bounds the waits itself (STREAM_*_TIMEOUT).
+        backstop = max(settings.stream_first_token_timeout, settings.stream_idle_timeout) + 5
+        stream_timeout = httpx2.Timeout(backstop, connect=min(5.0, settings.openai_timeout))
+        self.stream_client = self.client.with_options(timeout=stream_timeout) if http_client else BoundedRetryOpenAI(
+            api_key=api_key,
+            base_url=settings.openai_base_url,
+            timeout=stream_timeout,
+            max_retries=settings.openai_max_retries,
+            http_client=upstream_http_client(
+                settings.in_flight_per_worker, stream_timeout, None, settings.max_upstream_bytes
+            ),
+        )
         # The SDK describes the platform in headers it works out once per process, running `uname -p` to do so.
         # Here that happens while the app is built, so in gunicorn's master, not on each worker's first request.
         self.client.platform_headers()
+        self.stream_client.platform_headers()
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(base_url={str(self.client.base_url)!r})"
@@ -238,79 +352,105 @@ class OpenAIProvider:
         # One attempt, with the time that is left: the transport ends it then, connect to last byte.
         return {"timeout": httpx2.Timeout(left, connect=min(5.0, left)), "max_retries": 0}
 
-    def complete(self, generation: Generation, deadline: float | None = None) -> Completion:
-        """One chat completion; with `deadline` (time.monotonic()), over by then, a 504 if it cannot be."""
-        options = self._options_before(deadline)
-        messages = [{"role": "user", "content": generation.prompt}]
-        if generation.system:
-            messages.insert(0, {"role": "system", "content": generation.system})
-        body = {"model": generation.model, "messages": messages, "max_tokens": generation.max_tokens}
-        if generation.temperature is not None:
-            body["temperature"] = generation.temperature
-        started = time.perf_counter()
-        try:
-            # The SDK's client (auth, retries, timeouts, error classes) with the body as plain JSON and the answer as
-            # the raw response: skipping the typed-params transform and the response model saves ~0.4 ms of CPU per
-            # call (docs/cpu-profile.md); _to_completion checks the answer's shape instead.
-            response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response, options=options)
-        except openai.APITimeoutError:
-            raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
-        except openai.APIConnectionError as error:
+    def failure(self, error: openai.OpenAIError, model: str) -> ApiError:
+        """The ApiError, with the status the contract gives it, for the SDK's exception about a call for `model`."""
+        if isinstance(error, openai.APITimeoutError):
+            return ApiError(504, "The model server did not answer in time.", code="upstream_timeout")
+        if isinstance(error, openai.APIConnectionError):
             log.error("the model server at %s could not be reached: %s", self._host, connection_failure(error))
-            raise ApiError(502, "The model server could not be reached.", code="upstream_unavailable") from None
-        except UpstreamAnswerTooLarge as error:
+            return ApiError(502, "The model server could not be reached.", code="upstream_unavailable")
+        if isinstance(error, UpstreamAnswerTooLarge):
             log.error("the model server's answer was refused: %s", error)
-            raise ApiError(502, "The model server's answer was too large.", code="upstream_bad_response") from None
-        except UpstreamRedirected as error:
+            return ApiError(502, "The model server's answer was too large.", code="upstream_bad_response")
+        if isinstance(error, UpstreamRedirected):
             log.error(
                 "the model server answered with a redirect (HTTP %s to %s), which genapi does not follow: "
                 "check OPENAI_BASE_URL",
                 error.status,
                 error.target,
             )
-            raise ApiError(502, f"The model server failed (HTTP {error.status}).", code="upstream_error") from None
-        except openai.RateLimitError as error:
+            return ApiError(502, f"The model server failed (HTTP {error.status}).", code="upstream_error")
+        if isinstance(error, openai.RateLimitError):
             if error.code == "insufficient_quota":
                 # Our account is out of credit: retrying will not help, and only the operator can fix it.
                 log.error("the model server says genapi's account is out of quota: check the OPENAI_API_KEY account")
-                message = "The model server's quota for this service is used up."
-                raise ApiError(502, message, code="upstream_quota_exceeded") from None
-            raise overloaded(error) from None
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+                return ApiError(502, "The model server's quota for this service is used up.", code="upstream_quota_exceeded")
+            return overloaded(error)
+        if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
             # Our own OPENAI_API_KEY is wrong: the operator must know, the client must learn nothing about the key.
             log.error(
                 "the model server refused genapi's credentials (HTTP %s): check OPENAI_API_KEY and OPENAI_BASE_URL",
                 error.status_code,
             )
-            raise ApiError(502, "The model server refused this service's credentials.", code="upstream_auth") from None
-        except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as error:
-            if error.status_code == 404 and not names_the_model(error, generation.model):
+            return ApiError(502, "The model server refused this service's credentials.", code="upstream_auth")
+        if isinstance(error, (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError)):
+            if error.status_code == 404 and not names_the_model(error, model):
                 # Not "no such model": the server has no such route (OpenAI's own "unknown_url", a plain page, ...),
                 # so OPENAI_BASE_URL is wrong, which only the operator can fix.
                 log.error("the model server has no /chat/completions (HTTP 404): check OPENAI_BASE_URL")
-                raise ApiError(502, "The model server failed (HTTP 404).", code="upstream_error") from None
-            if not blames_the_request(error, generation.model):
+                return ApiError(502, "The model server failed (HTTP 404).", code="upstream_error")
+            if not blames_the_request(error, model):
                 # The upstream's own trouble, said with a 4xx: the operator reads it, the client is not blamed for it.
                 log.error(
                     "the model server refused the call with HTTP %s, not for a fault of the request: %s",
                     error.status_code,
                     self._redact(upstream_message(error)),
                 )
-                message = f"The model server failed (HTTP {error.status_code})."
-                raise ApiError(502, message, code="upstream_error") from None
-            raise ApiError(
+                return ApiError(502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error")
+            return ApiError(
                 400,
                 f"The model server rejected the request: {self._redact(upstream_message(error))}",
                 code="upstream_rejected_request",
-            ) from None
-        except openai.APIStatusError as error:
+            )
+        if isinstance(error, openai.APIStatusError):
             if error.status_code == 408:  # a gateway's timeout, still so after the retries: a timeout, as ours is
-                raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
+                return ApiError(504, "The model server did not answer in time.", code="upstream_timeout")
             if error.status_code == 503:  # still overloaded after the SDK's retries: the client should come back later
-                raise overloaded(error) from None
-            raise ApiError(
-                502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error"
-            ) from None
+                return overloaded(error)
+            return ApiError(502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error")
+        return ApiError(502, "The model server's answer was not usable.", code="upstream_bad_response")
+
+    def chat(self, body: dict) -> tuple[bytes, dict]:
+        """A Chat Completions call with the client's own body: the answer's JSON text as sent, and its parsed form."""
+        try:
+            response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+        except openai.OpenAIError as error:
+            raise self.failure(error, body.get("model")) from None
+        try:
+            answer = response.json()
+        except (ValueError, RecursionError):
+            raise ApiError(502, "The model server's answer was not valid JSON.", code="upstream_bad_response") from None
+        if not isinstance(answer, dict):
+            raise ApiError(502, "The model server's answer held no choices.", code="upstream_bad_response")
+        return response.content, answer
+
+    def open_stream(self, body: dict) -> HttpStream:
+        """Start a streamed call; returns once the model server has answered with a success status.
+
+        The SDK's retries happen in here, before the first byte reaches the client, and never after.
+        """
+        try:
+            # With the raw response as the answer, the SDK hands it over unread: its SSE parsing and chunk models
+            # would cost more CPU per chunk than the whole relay.
+            response = self.stream_client.post(
+                "/chat/completions", body=body, cast_to=httpx2.Response, stream=True, stream_cls=openai.Stream
+            )
+        except openai.OpenAIError as error:
+            raise self.failure(error, body.get("model")) from None
+        return HttpStream(response)
+
+    def complete(self, generation: Generation, deadline: float | None = None) -> Completion:
+        """One chat completion; with `deadline` (time.monotonic()), over by then, a 504 if it cannot be."""
+        options = self._options_before(deadline)
+        body = chat_body(generation)
+        started = time.perf_counter()
+        try:
+            # The SDK's client (auth, retries, timeouts, error classes) with the body as plain JSON and the answer as
+            # the raw response: skipping the typed-params transform and the response model saves ~0.4 ms of CPU per
+            # call (docs/cpu-profile.md); _to_completion checks the answer's shape instead.
+            response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response, options=options)
+        except openai.OpenAIError as error:
+            raise self.failure(error, generation.model) from None
         try:
             completion = response.json()
         except (ValueError, RecursionError):  # not JSON, not text, or nested deeper than Python's parser goes
@@ -350,6 +490,17 @@ MIN_CALL_SECONDS = 0.5
 MAX_TOKEN_COUNT = 10**9
 
 
+def chat_body(generation: Generation) -> dict:
+    """The Chat Completions body that asks for one Generation."""
+    messages = [{"role": "user", "content": generation.prompt}]
+    if generation.system:
+        messages.insert(0, {"role": "system", "content": generation.system})
+    body = {"model": generation.model, "messages": messages, "max_tokens": generation.max_tokens}
+    if generation.temperature is not None:
+        body["temperature"] = generation.temperature
+    return body
+
+
 def token_count(value) -> int:
     """A usage count from the upstream's JSON; anything but a non-negative integer counts as 0, a huge one is a 502."""
     if type(value) is not int or value < 0:
@@ -365,5 +516,5 @@ def build_provider(settings: Settings, http_client: httpx2.Client | None = None)
             "LLM_PROVIDER=mock: answers come from genapi's offline mock, not a model. "
             "Set OPENAI_API_KEY (and OPENAI_BASE_URL for Ollama, vLLM or llama.cpp) to use a real one."
         )
-        return MockProvider()
+        return MockProvider(settings.mock_stream_delay)
     return OpenAIProvider(settings, http_client)

@@ -1,9 +1,12 @@
 """The request and response bodies, as pydantic models: they validate requests and shape every answer."""
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
+
+from flask import request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from genapi.errors import ApiError
 
@@ -54,6 +57,20 @@ class ErrorResponse(BaseModel):
     """Every error, whatever its status."""
 
     error: ErrorDetail
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """What GET /v1/models answers with, in OpenAI's shape: the models this key may ask for."""
+
+    object: Literal["list"]
+    data: list[ModelEntry]
 
 
 class BatchResponse(BaseModel):
@@ -110,6 +127,11 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
         """The body of POST /generate."""
 
         prompt: Prompt = Field(description="The text to complete; not blank.")
+        stream: bool = Field(
+            default=False,
+            description="Answer as a stream of server-sent events (text/event-stream): `delta` events with the "
+            "text as it arrives, then one `done` event, or an `error` event.",
+        )
 
     class BatchRequest(GenerationOptions):
         """The body of POST /generate/batch: the options apply to every prompt."""
@@ -118,7 +140,33 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
             min_length=1, max_length=batch_max_prompts, description="The texts to complete, answered in this order."
         )
 
-    return {"GenerateRequest": GenerateRequest, "BatchRequest": BatchRequest}
+    class ChatCompletionRequest(BaseModel):
+        """The body of POST /v1/chat/completions: OpenAI's, with only what genapi answers for checked here.
+
+        Every other field (tools, response_format, seed, stop, ...) goes to the model server as sent.
+        """
+
+        model_config = ConfigDict(extra="allow", strict=True)
+
+        messages: list[dict[str, Any]] = Field(
+            min_length=1, description=f"The conversation; at most {max_prompt_chars} characters of text in all."
+        )
+        model: Annotated[str, StringConstraints(min_length=1)] | None = Field(
+            default=None, description="Model to use; the default is OPENAI_MODEL."
+        )
+        max_tokens: WholeNumber | None = Field(
+            default=None, ge=1, le=max_tokens_limit,
+            description="Most tokens to generate; without it or max_completion_tokens, MAX_TOKENS_LIMIT.",
+        )
+        max_completion_tokens: WholeNumber | None = Field(default=None, ge=1, le=max_tokens_limit)
+        n: Literal[1] | None = Field(default=None, description="genapi answers with one choice.")
+        stream: bool | None = Field(default=None, description="Answer as OpenAI's stream of `data:` chunks.")
+        stream_options: dict[str, Any] | None = Field(
+            default=None, description="With include_usage: true, the stream ends with a usage chunk."
+        )
+
+    return {"GenerateRequest": GenerateRequest, "BatchRequest": BatchRequest,
+            "ChatCompletionRequest": ChatCompletionRequest}
 
 
 MAX_LISTED_PROBLEMS = 20
@@ -149,3 +197,16 @@ def parse_body(model: type[BaseModel], raw: bytes):
         raise ApiError(
             422, f"Invalid request: {summary}", code="validation_error", param=fields[0]["param"], fields=fields
         ) from None
+
+
+def read_body() -> bytes:
+    """The request's raw body: 415 unless it is declared JSON, 413 past MAX_CONTENT_LENGTH."""
+    if not request.is_json:
+        raise ApiError(415, "The body must be JSON, sent with Content-Type: application/json.", code="unsupported_media_type")
+    body = request.get_data(cache=False)
+    # A chunked body has no Content-Length to refuse up front, and Werkzeug stops reading it at the limit, silently:
+    # one more byte from the server's own stream tells a body of exactly the limit from a longer one.
+    if request.content_length is None and len(body) >= request.max_content_length:
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    return body
