@@ -85,9 +85,16 @@ def test_allowed_models_are_named_in_the_model_fields_description(make_app):
         assert "enum" not in str(model)  # admins may use any model, so the schema must not forbid the others
 
 
-def test_whole_number_max_tokens_is_an_integer_as_json_schema_says(generate):
-    assert generate(max_tokens=50.0).status_code == 200
+def test_max_tokens_written_as_a_float_is_refused_as_strict_types_say(generate):
+    response = generate(max_tokens=10.0)
+    assert (response.status_code, response.get_json()["error"]["param"]) == (422, "max_tokens")
     assert generate(max_tokens=50.5).status_code == 422
+
+
+def test_the_document_says_max_tokens_must_be_written_without_a_fraction(client):
+    max_tokens = document(client)["components"]["schemas"]["GenerateRequest"]["properties"]["max_tokens"]
+    assert max_tokens["type"] == "integer"
+    assert "50.0" in max_tokens["description"]
 
 
 def test_the_documents_not_blank_pattern_and_the_check_agree_on_every_white_space(make_app, upstream):
