@@ -195,3 +195,10 @@ def test_an_upstream_retry_after_that_is_no_number_of_seconds_still_gives_a_503(
     upstream.then(upstream_error(429, headers={header: value}))
     response = check_error_then_recovery(generate, 503, "upstream_rate_limited")
     assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
+def test_an_upstream_finish_reason_is_cut_short(generate, upstream):
+    body = json.loads(completion_json("hi"))
+    body["choices"][0]["finish_reason"] = "stop" * 5000
+    upstream.then(httpx2.Response(200, json=body))
+    assert len(generate().get_json()["finish_reason"]) <= 40
