@@ -4,7 +4,7 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
 
 from genapi.errors import ApiError
 
@@ -57,6 +57,16 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def _whole_float_to_int(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON has one number type, and JSON Schema (OpenAPI 3.1's dialect) defines integers by value: 10.0 is the integer 10,
+# which the document cannot tell from 10, and schema-based clients and fuzzers send it. Strict mode alone would refuse
+# it, so a whole float becomes an int (and goes upstream as 10); "10", true and 10.5 stay refused.
+WholeNumber = Annotated[int, BeforeValidator(_whole_float_to_int)]
+
+
 class BatchResponse(BaseModel):
     """What POST /generate/batch answers with: one entry per prompt, in order, each a success or an error."""
 
@@ -92,13 +102,11 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
         # strict: "10" is not a number; forbid: a misspelt field is an error, not silently ignored.
         model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-        # Strict, as every field: 50.0 is a float, refused, although JSON Schema would count it as the integer 50;
-        # the description says so, since the document's schema cannot.
-        max_tokens: int = Field(
+        max_tokens: WholeNumber = Field(
             default=50,
             ge=1,
             le=max_tokens_limit,
-            description="Most tokens to generate; an integer written without a fraction (50, not 50.0).",
+            description="Most tokens to generate: an integer, as JSON Schema counts one (50 or 50.0; not 50.5 or \"50\").",
         )
         temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature.")
         model: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
