@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     rate_limit: str = "60/minute"
     admin_rate_limit: str = ""  # empty: admins have RATE_LIMIT too; "none": admins are not limited
     auth_failure_limit: str = "10/minute"  # failed authentications per client address
+    invalid_request_limit: str = "60/minute"  # requests refused for their body (400, 413, 415, 422) per address
     trusted_proxies: int = Field(default=0, ge=0, le=10)  # hops whose X-Forwarded-For is believed; Heroku: 1
 
     # Browser pages on these origins may call the API (CORS); empty: none, `*`: any.
@@ -126,7 +127,7 @@ class Settings(BaseSettings):
             parse_entry(entry)  # raises ValueError naming what is wrong, never the key
         return value
 
-    @field_validator("rate_limit", "auth_failure_limit")
+    @field_validator("rate_limit", "auth_failure_limit", "invalid_request_limit")
     @classmethod
     def _check_limit(cls, value: str) -> str:
         try:

@@ -38,6 +38,9 @@ def parse_entry(entry: str, is_admin: bool = False) -> _Entry:
             raise ValueError("a sha256: entry must be followed by 64 hex digits")
         key_digest = bytes.fromhex(hex_digest)
     elif entry:
+        if not entry.isascii() or not entry.isprintable() or " " in entry:
+            # HTTP headers are Latin-1 on the wire, and curl sends a UTF-8 key as its bytes: no client could send it.
+            raise ValueError("a key may hold only printable ASCII characters without spaces; no client could send it")
         key_digest = digest(entry)
     else:
         raise ValueError("an entry has an empty key")

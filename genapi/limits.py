@@ -1,10 +1,12 @@
-"""Rate limits through Flask-Limiter: RATE_LIMIT per client key, AUTH_FAILURE_LIMIT per client address.
+"""Rate limits through Flask-Limiter: RATE_LIMIT per client key; AUTH_FAILURE_LIMIT and INVALID_REQUEST_LIMIT per
+client address.
 
 Counts live in Redis when REDIS_URL is set, so every worker and instance shares them; otherwise in this process.
 While Redis fails or refuses writes, each process counts in its own memory (genapi.limit_storage) and tries
 Redis again every few seconds; nothing about it becomes a 500.
 """
 
+import ipaddress
 import logging
 import time
 
@@ -23,15 +25,36 @@ log = logging.getLogger("genapi")
 
 PER_KEY = "per-key"  # one bucket per client name, shared by /generate and /generate/batch
 AUTH_FAILURES = "auth-failures"  # one bucket per client address
+INVALID_REQUESTS = "invalid-requests"  # one bucket per client address
+# The codes of requests refused for their body or their options: each costs parsing, and none counts against the
+# key's own limit, so a client that keeps sending them is limited by INVALID_REQUEST_LIMIT instead.
+INVALID_REQUEST_CODES = {"invalid_json", "validation_error", "unsupported_media_type", "body_too_large", "model_not_allowed"}
 
 # A moving window is exact at every instant (no double burst across a window edge), and a hit that does not fit
 # is not counted, so a refused batch costs nothing.
 STRATEGY = "moving-window"
 
 
+# An IPv6 address with a zone is at most this long; anything longer is not an address.
+MAX_ADDRESS_CHARS = 64
+
+
 def client_address() -> str:
-    """The caller's address; X-Forwarded-For counts only through TRUSTED_PROXIES (werkzeug's ProxyFix)."""
-    return request.remote_addr or "unknown"
+    """The caller's address; X-Forwarded-For counts only through TRUSTED_PROXIES (werkzeug's ProxyFix).
+
+    A forwarded address that is not an IP address (too long, or any other text a client put in the header) is not
+    believed: the request counts as the connection's own, the proxy's, so a forger can neither name another
+    client's bucket nor choose the Redis key names of its own.
+    """
+    address = request.remote_addr or "unknown"
+    if "werkzeug.proxy_fix.orig" not in request.environ:
+        return address
+    try:
+        if len(address) <= MAX_ADDRESS_CHARS:
+            return str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    return request.environ["werkzeug.proxy_fix.orig"].get("REMOTE_ADDR") or "unknown"
 
 
 def client_name() -> str:
@@ -40,6 +63,10 @@ def client_name() -> str:
 
 def authentication_failed(_response) -> bool:
     return g.get("authentication_failed", False)
+
+
+def request_was_invalid(_response) -> bool:
+    return g.get("error_code") in INVALID_REQUEST_CODES
 
 
 def build_limiter(app: Flask, settings: Settings, redis_state: RedisState | None) -> Limiter:
@@ -54,7 +81,9 @@ def build_limiter(app: Flask, settings: Settings, redis_state: RedisState | None
         key_func=client_address,
         application_limits=[
             # Checked before every request, counted only after one whose key was missing or wrong.
-            ApplicationLimit(settings.auth_failure_limit, scope=AUTH_FAILURES, deduct_when=authentication_failed)
+            ApplicationLimit(settings.auth_failure_limit, scope=AUTH_FAILURES, deduct_when=authentication_failed),
+            # Checked before every request, before its body is read; counted after one refused for its body.
+            ApplicationLimit(settings.invalid_request_limit, scope=INVALID_REQUESTS, deduct_when=request_was_invalid),
         ],
         strategy=STRATEGY,
         swallow_errors=True,  # the storage serves from memory when Redis fails; anything else is logged, never a 500
@@ -137,7 +166,11 @@ def auth_failure_window():
 
 
 def rate_limited(exc: RateLimitExceeded):
-    """Flask-Limiter's 429 (the per-address limit on failed authentication), in the one error shape."""
+    """Flask-Limiter's 429 (a per-address limit: failed authentications, invalid requests), in the one error shape."""
     window = auth_failure_window()
+    reset_at = window[1] if window else None
+    if exc.limit.scope == INVALID_REQUESTS:
+        message = f"Too many invalid requests from this address ({exc.limit.limit}); fix them, then retry later."
+        return error_response(too_many_requests(message, "too_many_invalid_requests", reset_at))
     message = f"Too many failed authentications from this address ({exc.limit.limit}); retry later."
-    return error_response(too_many_requests(message, "too_many_auth_failures", window[1] if window else None))
+    return error_response(too_many_requests(message, "too_many_auth_failures", reset_at))

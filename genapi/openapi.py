@@ -42,15 +42,16 @@ ERROR_MEANINGS = {
     422: "A field is missing, of the wrong type, out of range or unknown (validation_error), or the model is not "
     "in ALLOWED_MODELS (model_not_allowed), or a batch has more prompts than the key's whole rate limit "
     "(over_rate_limit); error.fields lists each failing field.",
-    429: "A rate limit refused the request: the key's RATE_LIMIT (rate_limit_exceeded) or this address's failed "
-    "authentications (too_many_auth_failures); retry after the Retry-After header's seconds.",
+    429: "A rate limit refused the request: the key's RATE_LIMIT (rate_limit_exceeded), this address's failed "
+    "authentications (too_many_auth_failures) or its invalid requests (too_many_invalid_requests); retry after the "
+    "Retry-After header's seconds.",
     500: "A bug in genapi (internal_error); it is logged.",
     502: "The model server failed, could not be reached, answered with something unusable, refused genapi's "
     "credentials, or says genapi's account is out of quota (upstream_error, upstream_unavailable, "
     "upstream_bad_response, upstream_auth, upstream_quota_exceeded).",
     503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds. "
-    "On /readyz: Redis does not answer (redis_unavailable). In a stream's error event only: the server is "
-    "restarting and cut the stream short (server_shutting_down).",
+    "On /readyz: Redis does not answer or refuses writes (redis_unavailable). In a stream's error event only: the "
+    "server is restarting and cut the stream short (server_shutting_down).",
     504: "The model server did not answer in time (upstream_timeout).",
 }
 RETRY_AFTER_STATUSES = (429, 503)

@@ -184,7 +184,7 @@ def retry_after_seconds(headers, default: int = 5) -> str:
     for name, divisor in (("retry-after-ms", 1000), ("retry-after", 1)):
         try:
             return str(min(60, max(1, round(float(headers.get(name)) / divisor))))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # absent, not a number, NaN, or infinite ("inf", "1e999")
             continue
     return str(default)
 

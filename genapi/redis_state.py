@@ -75,8 +75,10 @@ class RedisState:
         """Whether to use Redis now: yes while it is usable; while it is not, a write probe every few seconds."""
         if self.answering:
             return True
-        if time.monotonic() < self._recheck_at:
+        now = time.monotonic()
+        if now < self._recheck_at:
             return False
+        self._recheck_at = now + REDIS_RECHECK_SECONDS  # before the probe: the requests meanwhile do not probe too
         return self.problem() is None
 
     def failed(self, error: Exception) -> None:

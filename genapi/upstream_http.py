@@ -32,10 +32,21 @@ class UpstreamRedirected(UpstreamAnswerRefused):
 
     def __init__(self, status: int, location: str):
         self.status = status
-        target = httpx2.URL(location) if location else None
-        # Only where it points, never its path or query, which may carry a token.
-        self.target = f"{target.scheme}://{target.host}" if target and target.host else "the same host"
+        self.target = redirect_target(location)
         super().__init__(f"HTTP {status} to {self.target}")
+
+
+def redirect_target(location: str) -> str:
+    """Where a redirect points, for the log: only its scheme and host, never its path or query (a token may be there)."""
+    if not location:
+        return "nowhere (no Location)"
+    try:
+        url = httpx2.URL(location)
+    except (httpx2.InvalidURL, ValueError, TypeError):
+        return "an unreadable Location"
+    if not url.host:
+        return "the same host"
+    return f"{url.scheme}://{url.host}"[:200]
 
 
 class ConnectionPerCallTransport(httpx2.BaseTransport):

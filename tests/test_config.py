@@ -253,3 +253,13 @@ def test_api_keys_of_only_commas_and_spaces_count_as_no_key(clean_env, monkeypat
     monkeypatch.setenv("API_KEYS", " , ")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
     assert "never runs open" in start_up_error(capsys)
+
+
+@pytest.mark.parametrize("entry", ["alice:clé-secrète-123", "bob:key with spaces", "tab\tkey"])
+def test_a_key_no_client_could_send_stops_start_up_without_showing_it(monkeypatch, capsys, entry):
+    monkeypatch.setenv("API_KEYS", entry)
+    with pytest.raises(SystemExit):
+        load_settings(_env_file=None)
+    error = capsys.readouterr().err
+    assert "API_KEYS:" in error and "ASCII" in error
+    assert entry.split(":")[-1] not in error

@@ -250,3 +250,15 @@ def test_options_is_405_json_not_an_empty_html_page(client):
     response = client.options("/generate")
     assert response.status_code == 405
     assert response.get_json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_large_body_of_unknown_fields_is_refused_before_pydantic_validates_it(app, client, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("pydantic was asked to validate a body that is refused for its field count")
+
+    monkeypatch.setattr(app.extensions["genapi"]["GenerateRequest"], "model_validate_json", never)
+    body = {"prompt": "hi"} | {f"f{n:05d}": 1 for n in range(60_000)}
+    response = client.post("/generate", json=body, headers={"X-API-KEY": USER_KEY})
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert (error["code"], len(error["fields"]), error["fields"][0]["param"]) == ("validation_error", 20, "f00000")

@@ -1,5 +1,6 @@
 """Rate limits: RATE_LIMIT per key with X-RateLimit-* headers, batches cost one per prompt, admins' own limit,
-AUTH_FAILURE_LIMIT per address (X-Forwarded-For only through TRUSTED_PROXIES), all in one process's memory."""
+AUTH_FAILURE_LIMIT and INVALID_REQUEST_LIMIT per address (X-Forwarded-For only through TRUSTED_PROXIES), all in one
+process's memory."""
 
 import time
 
@@ -162,10 +163,35 @@ def test_health_and_readiness_are_never_limited(make_app):
     assert client.get("/readyz", environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code == 200
 
 
-@pytest.mark.parametrize("variable", ["RATE_LIMIT", "AUTH_FAILURE_LIMIT", "ADMIN_RATE_LIMIT"])
+@pytest.mark.parametrize("variable", ["RATE_LIMIT", "AUTH_FAILURE_LIMIT", "ADMIN_RATE_LIMIT", "INVALID_REQUEST_LIMIT"])
 def test_a_malformed_limit_stops_start_up_naming_it(variable, monkeypatch, capsys):
     monkeypatch.setenv("API_KEYS", "k")
     monkeypatch.setenv(variable, "lots per fortnight")
     with pytest.raises(SystemExit):
         load_settings(_env_file=None)
     assert f"{variable}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("forged", ["x" * 8000, "not-an-address", "1.1.1.1 ; DROP"])
+def test_a_forwarded_address_that_is_not_an_ip_counts_as_the_proxys_own(make_app, forged):
+    client = make_app(auth_failure_limit="1/minute", trusted_proxies=1).test_client()
+    post(client, key="wrong", address="10.0.0.9", headers={"X-Forwarded-For": forged})
+    # Another made-up value is the same bucket, the proxy's: a forger cannot pick a bucket, or a Redis key, of its own.
+    assert post(client, address="10.0.0.9", headers={"X-Forwarded-For": forged + "y"}).status_code == 429
+    assert post(client, address="10.0.0.9", headers={"X-Forwarded-For": "3.3.3.3"}).status_code == 200
+
+
+def test_requests_refused_for_their_body_count_against_invalid_request_limit(make_app, upstream):
+    client = make_app(invalid_request_limit="2/minute").test_client()
+    assert [post(client, prompt="").status_code, post(client, max_tokens="ten", prompt="x").status_code] == [422, 422]
+    refused = post(client)
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["code"] == "too_many_invalid_requests"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert post(client, address="10.0.0.2").status_code == 200
+    assert upstream.calls == 1
+
+
+def test_valid_requests_do_not_count_against_invalid_request_limit(make_app):
+    client = make_app(invalid_request_limit="1/minute").test_client()
+    assert [post(client).status_code for _ in range(3)] == [200, 200, 200]

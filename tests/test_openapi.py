@@ -1,8 +1,10 @@
 """GET /openapi.json: a valid OpenAPI 3.1 document, made from the same models and settings that validate requests."""
 
+import json
 import re
 from pathlib import Path
 
+import pytest
 from openapi_spec_validator import validate
 
 from genapi.docs_page import PAGE_ROUTES
@@ -88,9 +90,22 @@ def test_allowed_models_are_named_in_the_model_fields_description(make_app):
         assert "enum" not in str(model)  # admins may use any model, so the schema must not forbid the others
 
 
-def test_whole_number_max_tokens_is_an_integer_as_json_schema_says(generate):
-    assert generate(max_tokens=50.0).status_code == 200
-    assert generate(max_tokens=50.5).status_code == 422
+def test_a_whole_float_max_tokens_is_the_integer_json_schema_says_it_is_and_goes_upstream_as_one(generate, upstream):
+    assert generate(max_tokens=10.0).status_code == 200
+    sent = json.loads(upstream.requests[0].content)["max_tokens"]
+    assert (sent, type(sent)) == (10, int)
+
+
+@pytest.mark.parametrize("value", [10.5, "10", True, [10]])
+def test_a_max_tokens_that_is_not_an_integer_is_refused(generate, value):
+    response = generate(max_tokens=value)
+    assert (response.status_code, response.get_json()["error"]["param"]) == (422, "max_tokens")
+
+
+def test_the_document_says_which_numbers_max_tokens_takes(client):
+    max_tokens = document(client)["components"]["schemas"]["GenerateRequest"]["properties"]["max_tokens"]
+    assert max_tokens["type"] == "integer"
+    assert "50.0" in max_tokens["description"] and "50.5" in max_tokens["description"]
 
 
 def test_the_documents_not_blank_pattern_and_the_check_agree_on_every_white_space(make_app, upstream):

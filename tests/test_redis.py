@@ -231,3 +231,15 @@ def test_the_redis_cache_does_not_store_an_answer_over_cache_max_entry_bytes(
     client = make_app(cache_ttl=60, cache_max_entry_bytes=1024, **redis_settings).test_client()
     post(client, prompt="word " * 400, max_tokens=1000)
     assert cache_entries(redis.Redis.from_url(shared_redis_url), redis_settings) == []
+
+
+def test_while_redis_refuses_writes_requests_do_not_each_try_it_again(make_app, private_redis, monkeypatch):
+    client = make_app(rate_limit="50/minute", cache_ttl=60, redis_url=private_redis.url).test_client()
+    state = client.application.extensions["genapi"]["redis"]
+    refuse_writes_by_maxmemory(private_redis)
+    post(client, prompt="first")
+    probes = []
+    monkeypatch.setattr(state, "problem", lambda: probes.append(1))
+    for n in range(5):
+        assert post(client, prompt=f"p{n}").status_code == 200
+    assert probes == []  # the next try waits its few seconds; until then Redis is not asked at all

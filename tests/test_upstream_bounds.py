@@ -187,3 +187,18 @@ def test_a_refused_connection_over_sockets_is_logged_as_refused(caplog):
     app = create_app(make_settings(openai_base_url=f"http://127.0.0.1:{free_port()}/v1"))
     assert post(app.test_client()).status_code == 502
     assert "could not be reached: the connection was refused" in caplog.text
+
+
+@pytest.mark.parametrize("header", ["retry-after", "retry-after-ms"])
+@pytest.mark.parametrize("value", ["inf", "1e999", "nan", "soon"])
+def test_an_upstream_retry_after_that_is_no_number_of_seconds_still_gives_a_503(generate, upstream, header, value):
+    upstream.then(upstream_error(429, headers={header: value}))
+    response = check_error_then_recovery(generate, 503, "upstream_rate_limited")
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
+def test_an_upstream_finish_reason_is_cut_short(generate, upstream):
+    body = json.loads(completion_json("hi"))
+    body["choices"][0]["finish_reason"] = "stop" * 5000
+    upstream.then(httpx2.Response(200, json=body))
+    assert len(generate().get_json()["finish_reason"]) <= 40
