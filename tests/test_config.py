@@ -253,3 +253,15 @@ def test_api_keys_of_only_commas_and_spaces_count_as_no_key(clean_env, monkeypat
     monkeypatch.setenv("API_KEYS", " , ")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
     assert "never runs open" in start_up_error(capsys)
+
+
+def test_app_json_is_a_heroku_manifest_that_the_readmes_deploy_button_points_at():
+    manifest = json.loads((ROOT / "app.json").read_text())
+    assert {"name", "description", "repository", "env", "buildpacks", "formation"} <= set(manifest)
+    button = re.search(r"\]\(https://heroku\.com/deploy\?template=(\S+?)\)", (ROOT / "README.md").read_text())
+    assert button and button.group(1) == manifest["repository"]
+    for variable, entry in manifest["env"].items():
+        assert entry["description"], variable
+        # Heroku asks for every variable that has no value, no generator and is not marked optional.
+        assert "value" in entry or "generator" in entry or entry.get("required") is False, variable
+        assert isinstance(entry.get("value", ""), str), variable
