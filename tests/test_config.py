@@ -263,3 +263,15 @@ def test_a_key_no_client_could_send_stops_start_up_without_showing_it(monkeypatc
     error = capsys.readouterr().err
     assert "API_KEYS:" in error and "ASCII" in error
     assert entry.split(":")[-1] not in error
+
+
+def test_app_json_is_a_heroku_manifest_that_the_readmes_deploy_button_points_at():
+    manifest = json.loads((ROOT / "app.json").read_text())
+    assert {"name", "description", "repository", "env", "buildpacks", "formation"} <= set(manifest)
+    button = re.search(r"\]\(https://heroku\.com/deploy\?template=(\S+?)\)", (ROOT / "README.md").read_text())
+    assert button and button.group(1) == manifest["repository"]
+    for variable, entry in manifest["env"].items():
+        assert entry["description"], variable
+        # Heroku asks for every variable that has no value, no generator and is not marked optional.
+        assert "value" in entry or "generator" in entry or entry.get("required") is False, variable
+        assert isinstance(entry.get("value", ""), str), variable
