@@ -50,6 +50,8 @@ def service(real_upstream, tmp_path_factory):
     environment = {
         "API_KEYS": f"alice:{USER_KEY}", "OPENAI_BASE_URL": real_upstream, "OPENAI_MODEL": "smollm2",
         "OPENAI_API_KEY": "no-key-needed-here",
+        # A 135M model on two busy cores can take many seconds to answer: the whole budget, for one attempt.
+        "OPENAI_TIMEOUT": "24", "OPENAI_MAX_RETRIES": "0",
     }
     service = ProcfileService(environment, tmp_path_factory.mktemp("real") / "web.log")
     service.wait_until_healthy()
