@@ -7,8 +7,8 @@ with the status the contract gives it, so the route never sees an SDK exception.
 import hashlib
 import logging
 import re
-import ssl
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -137,7 +137,7 @@ UPSTREAM_MESSAGE_CHARS = 500
 
 
 def upstream_message(error: openai.APIStatusError) -> str:
-    """The upstream's own explanation of a rejected request, whole: redact it before cutting it (`shown`)."""
+    """The upstream's own explanation of a rejected request, whole: OpenAIProvider._redact takes our key out, then cuts it."""
     detail = upstream_error_detail(error)
     return detail["message"] if detail else error.message
 
