@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     # The response cache: seconds an answer is kept; 0 turns it off.
     cache_ttl: int = Field(default=0, ge=0)
     cache_max_entries: int = Field(default=1024, ge=1)  # in each process without Redis, in all with it
-    cache_max_entry_bytes: int = Field(default=256 * 1024, ge=1024)  # a larger answer is not cached
+    cache_max_entry_bytes: int = Field(default=64 * 1024, ge=1024)  # a larger answer is not cached
     cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)  # the in-process cache, in each process
 
     # Streams ("stream": true, and /v1/chat/completions): they replace OPENAI_TIMEOUT for a streamed call.

@@ -237,7 +237,7 @@ UPSTREAM_MESSAGE_CHARS = 500
 
 
 def upstream_message(error: openai.APIStatusError) -> str:
-    """The upstream's own explanation of a rejected request, whole: redact it before cutting it (`shown`)."""
+    """The upstream's own explanation of a rejected request, whole: OpenAIProvider._redact takes our key out, then cuts it."""
     detail = upstream_error_detail(error)
     return detail["message"] if detail else error.message
 

@@ -11,6 +11,8 @@ import socket
 import time
 import zlib
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as LookupTimeout
 from types import SimpleNamespace
 
 import httpcore2
@@ -177,11 +179,8 @@ class DeadlineBackend(httpcore2.NetworkBackend):
 
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
         # socket.create_connection would give each of the host's addresses the whole timeout; here they share the
-        # time the attempt has left. (The name lookup itself cannot be bounded without an event loop.)
-        try:
-            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as error:
-            raise httpcore2.ConnectError(str(error)) from error
+        # time the attempt has left, as the name lookup does before them.
+        addresses = resolve(host, port, self._deadline.bound(timeout, httpcore2.ConnectTimeout))
         for position, (*_, address) in enumerate(addresses):
             try:
                 ip_timeout = self._deadline.bound(timeout, httpcore2.ConnectTimeout)
@@ -199,6 +198,26 @@ class DeadlineBackend(httpcore2.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
+
+
+# The system resolver retries on its own (5 s a try, a few tries, per name server), past any attempt's deadline; a
+# lookup runs here so that the caller waits only as long as the attempt has left. Under gevent these are greenlets.
+_resolver = ThreadPoolExecutor(max_workers=16, thread_name_prefix="genapi-resolve")
+
+
+def resolve(host: str, port: int, seconds: float | None) -> list:
+    """The host's addresses, looked up within `seconds` (None: as long as the resolver takes)."""
+    try:
+        if seconds is None:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        lookup = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        try:
+            return lookup.result(timeout=seconds)
+        except LookupTimeout:
+            lookup.cancel()  # if it has not started; a lookup under way ends when the resolver gives up
+            raise httpcore2.ConnectTimeout(f"the name lookup of {host} took longer than the attempt had left") from None
+    except OSError as error:
+        raise httpcore2.ConnectError(str(error)) from error
 
 
 # Small enough that a server reading slowly cannot hold one write much past the deadline; a request body is rarely

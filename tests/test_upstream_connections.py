@@ -2,6 +2,7 @@
 
 import math
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,3 +186,31 @@ def test_a_long_write_gets_only_the_time_the_attempt_has_left_slice_by_slice():
     slice_bytes = upstream_http.WRITE_SLICE_BYTES
     assert [(size, round(timeout)) for size, timeout in sent] == [(slice_bytes, 5), (slice_bytes, 5), (slice_bytes, 4),
                                                                    (slice_bytes, 1)]
+
+
+def test_a_name_lookup_gets_only_the_time_the_attempt_has_left(monkeypatch):
+    released = threading.Event()
+
+    def hanging_lookup(*args, **kwargs):
+        released.wait(30)
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(upstream_http.socket, "getaddrinfo", hanging_lookup)
+    deadline = Deadline()
+    deadline.at = time.monotonic() + 0.2
+    try:
+        with pytest.raises(httpcore2.ConnectTimeout, match="name lookup"):
+            DeadlineBackend(deadline).connect_tcp("models.example", 443, timeout=5.0)
+    finally:
+        released.set()
+
+
+def test_a_name_that_does_not_resolve_is_a_connect_error(monkeypatch):
+    def no_such_name(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(upstream_http.socket, "getaddrinfo", no_such_name)
+    deadline = Deadline()
+    deadline.at = time.monotonic() + 5
+    with pytest.raises(httpcore2.ConnectError, match="Name or service not known"):
+        DeadlineBackend(deadline).connect_tcp("models.example", 443, timeout=5.0)
