@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from app import create_app
 from genapi import metrics
@@ -296,3 +297,16 @@ def test_client_that_stops_reading_closes_the_upstream_stream(make_streaming_app
 def test_batch_takes_no_stream_field(client):
     response = client.post("/generate/batch", json={"prompts": ["a"], "stream": True}, headers={"X-API-KEY": ADMIN_KEY})
     assert response.status_code == 422 and response.get_json()["error"]["param"] == "stream"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"stream_heartbeat_seconds": 26}, "stream_heartbeat_seconds"),  # past Heroku's 30 s with no margin
+        ({"stream_max_seconds": 10}, "STREAM_MAX_SECONDS"),  # shorter than the first-token bound it contains
+        ({"stream_idle_timeout": 0}, "stream_idle_timeout"),
+    ],
+)
+def test_stream_bounds_that_cannot_hold_stop_start_up(overrides, named):
+    with pytest.raises(ValidationError, match=named):
+        make_settings(**overrides)
