@@ -191,12 +191,6 @@ def test_upstream_failure_after_the_first_byte_is_never_retried(stream, fake_ope
     assert events[-1][0] == "error" and fake_openai.calls == 1
 
 
-def test_a_completed_stream_leaves_its_upstream_connection_kept_alive_for_the_next(stream, fake_openai):
-    stream()
-    stream()
-    assert fake_openai.calls == 2 and fake_openai.connections == 1
-
-
 def test_heartbeats_keep_the_stream_alive_while_the_model_is_silent(stream, fake_openai):
     fake_openai.then(Stream(silent_at=1, silence=1.0))
     _, events = stream(settings={"stream_heartbeat_seconds": 0.1})
