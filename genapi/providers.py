@@ -20,9 +20,10 @@ import openai
 
 from config import Settings, worst_case_upstream_seconds
 from genapi.errors import ApiError
-from genapi.logs import sane_request_id
 from genapi.streaming import HttpStream
 from genapi.upstream_http import UpstreamAnswerTooLarge, UpstreamRedirected, upstream_http_client
+from genapi.upstream_values import finish_reason as bounded_finish_reason
+from genapi.upstream_values import model_name, token_count, upstream_id
 
 log = logging.getLogger("genapi")
 
@@ -271,21 +272,6 @@ CONNECTION_FAILURE_WORDS = [
 ]
 
 
-def model_name(reported, requested: str) -> str:
-    """The model the upstream says answered, as a name: a path on the model server's disk becomes its file's name.
-
-    llama.cpp's server, started without an alias, reports the model file's absolute path.
-    """
-    if not isinstance(reported, str) or not reported:
-        return "unknown"
-    if reported.startswith(("/", "./", "../", "~")) or "\\" in reported or re.match(r"[A-Za-z]:[/\\]", reported):
-        base = re.split(r"[/\\]", reported)[-1]
-        stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
-        return stem[:MAX_MODEL_CHARS] or requested
-    return reported[:MAX_MODEL_CHARS]
-
-
-MAX_MODEL_CHARS = 200
 
 
 class OpenAIProvider:
@@ -470,24 +456,19 @@ class OpenAIProvider:
         if not isinstance(text, str):
             raise ApiError(502, "The model server's answer held no text.", code="upstream_bad_response")
         usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else {}
-        finish_reason = choice.get("finish_reason")
         return Completion(
             text=text,
             model=model_name(completion.get("model"), requested_model),
-            finish_reason=finish_reason[:MAX_FINISH_REASON_CHARS] if isinstance(finish_reason, str) else None,
+            finish_reason=bounded_finish_reason(choice.get("finish_reason")),
             prompt_tokens=token_count(usage.get("prompt_tokens")),
             completion_tokens=token_count(usage.get("completion_tokens")),
-            # The header, as OpenAI sends it; else the completion's own id, which every compatible server sends.
-            upstream_request_id=sane_request_id(upstream_request_id) or sane_request_id(completion.get("id")),
+            upstream_request_id=upstream_id(upstream_request_id, completion.get("id")),
             upstream_ms=upstream_ms,
         )
 
 
-MAX_FINISH_REASON_CHARS = 40
 # Less than this left of a request's budget is no time to call the model in.
 MIN_CALL_SECONDS = 0.5
-# More tokens than any model's context holds: a count past it is not a count, and would wreck the token metrics.
-MAX_TOKEN_COUNT = 10**9
 
 
 def chat_body(generation: Generation) -> dict:
@@ -499,15 +480,6 @@ def chat_body(generation: Generation) -> dict:
     if generation.temperature is not None:
         body["temperature"] = generation.temperature
     return body
-
-
-def token_count(value) -> int:
-    """A usage count from the upstream's JSON; anything but a non-negative integer counts as 0, a huge one is a 502."""
-    if type(value) is not int or value < 0:
-        return 0
-    if value > MAX_TOKEN_COUNT:
-        raise ApiError(502, "The model server's answer held a usage count that is not one.", code="upstream_bad_response")
-    return value
 
 
 def build_provider(settings: Settings, http_client: httpx2.Client | None = None):

@@ -25,6 +25,8 @@ from flask import Response, g
 from genapi import metrics
 from genapi.errors import ApiError
 from genapi.logs import log_stream
+from genapi.upstream_values import finish_reason as bounded_finish_reason
+from genapi.upstream_values import model_name, upstream_id, usage_count
 
 log = logging.getLogger("genapi")
 
@@ -84,7 +86,7 @@ class HttpStream:
         self._response = response
         self._lock = threading.Lock()
         self._open = True
-        self.upstream_request_id = response.headers.get("x-request-id")
+        self.upstream_request_id = response.headers.get("x-request-id")  # checked by upstream_id() before logging
 
     def batches(self):
         """Each network read's complete events, as the list of their data payloads (b'{...}' or b'[DONE]')."""
@@ -224,6 +226,8 @@ class StreamRelay:
         self._usage: dict | None = None
         self._finish_reason: str | None = None
         self._model = model
+        self._renamed_model: tuple[bytes, bytes] | None = None  # (as the server names it, as genapi does), in JSON
+        self._chunk_id = None
         self._ending: str | None = None
         self._error: ApiError | None = None
         self._settled = False
@@ -396,17 +400,28 @@ class StreamRelay:
                     self._characters += len(text)
                 else:
                     text = None
-                if choice.get("finish_reason"):
-                    self._finish_reason = choice["finish_reason"]
+                self._finish_reason = bounded_finish_reason(choice.get("finish_reason")) or self._finish_reason
             usage = chunk.get("usage")
             if isinstance(usage, dict):
                 self._usage = usage
-            if self._chunks == 1 and isinstance(chunk.get("model"), str) and chunk["model"]:
-                self._model = chunk["model"]
+            if self._chunks == 1:
+                self._read_first_chunk(chunk)
+            if self._renamed_model is not None:
+                payload = payload.replace(*self._renamed_model)
             piece = self._shape.chunk(payload, chunk, text)
             if piece:
                 out.append(piece)
         return b"".join(out), done_seen
+
+    def _read_first_chunk(self, chunk: dict) -> None:
+        """The model and the id the first chunk names; a model named by a path on the server's disk is renamed in
+        every chunk passed on, as it would be in a whole answer (genapi.upstream_values)."""
+        reported = chunk.get("model")
+        if isinstance(reported, str) and reported:
+            self._model = model_name(reported, self._model)
+            if self._model != reported:
+                self._renamed_model = (json.dumps(reported).encode(), json.dumps(self._model).encode())
+        self._chunk_id = chunk.get("id")
 
     def _end_with_error(self, ending: str, error: ApiError | None = None) -> bytes:
         if error is None and ending == SHUTDOWN:
@@ -422,8 +437,8 @@ class StreamRelay:
     def _settled_usage(self) -> dict:
         """The model server's usage, or an estimate from the characters (marked `estimated`) when it sent none."""
         usage = self._usage or {}
-        prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if type(prompt_tokens) is int and type(completion_tokens) is int:
+        prompt_tokens, completion_tokens = usage_count(usage.get("prompt_tokens")), usage_count(usage.get("completion_tokens"))
+        if prompt_tokens is not None and completion_tokens is not None:
             return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens}
         prompt_tokens = -(-self._prompt_chars // CHARACTERS_PER_TOKEN)
@@ -465,7 +480,7 @@ class StreamRelay:
             "prompt_tokens": usage["prompt_tokens"],
             "completion_tokens": usage["completion_tokens"],
             "tokens_estimated": estimated,
-            "upstream_request_id": upstream.upstream_request_id if upstream is not None else None,
+            "upstream_request_id": upstream_id(upstream.upstream_request_id if upstream else None, self._chunk_id),
         }
         exchange = fields.pop("exchange", None)  # present only with LOG_PROMPTS=true
         if exchange is not None:

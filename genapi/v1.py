@@ -18,9 +18,10 @@ from genapi.auth import authenticate
 from genapi.errors import ApiError
 from genapi.limits import charge
 from genapi.logs import stream_record
-from genapi.providers import Completion, message_text, token_count
+from genapi.providers import Completion, message_text
 from genapi.schemas import parse_body, read_body
 from genapi.streaming import ChatChunks, StreamLimits, StreamRelay, stream_response
+from genapi.upstream_values import model_name, token_count, upstream_id
 
 blueprint = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -90,13 +91,19 @@ def complete_chat(client, body: dict) -> Response:
         except ApiError as error:
             metrics.count_upstream_error(error.code)
             raise
+        reported = answer.get("model")
+        model = model_name(reported, body["model"])
+        if isinstance(reported, str) and model != reported:  # a path on the model server's disk: its file's name
+            answer["model"] = model
+            raw = json.dumps(answer).encode()
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         g.completion = Completion(
             text="",
-            model=str(answer.get("model")),
+            model=model,
             finish_reason=None,
             prompt_tokens=token_count(usage.get("prompt_tokens")),
             completion_tokens=token_count(usage.get("completion_tokens")),
+            upstream_request_id=upstream_id(None, answer.get("id")),
             upstream_ms=(time.perf_counter() - started) * 1000,
         )
         metrics.count_completion(g.completion.prompt_tokens, g.completion.completion_tokens, g.completion.upstream_ms)

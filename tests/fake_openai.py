@@ -46,6 +46,8 @@ class Stream:
     usage: bool = True  # send the usage chunk when the request asks for it
     finish: bool = True  # send the finish_reason chunk and data: [DONE]
     gap: float = 0.0
+    usage_counts: dict | None = None  # the usage chunk's counts, instead of the true ones
+    request_id: str | None = None  # the x-request-id header, instead of req_fake_<n>; "" sends none
 
 
 @dataclass
@@ -267,9 +269,11 @@ class FakeOpenAI:
     async def _stream(self, answer: "StreamedAnswer", reader, writer) -> bool:
         """Send a streamed answer as OpenAI does; False when the connection must close after it."""
         script, request_body = answer.script, answer.request_body
+        request_id = f"req_fake_{answer.request_id}" if script.request_id is None else script.request_id
+        request_id_header = f"x-request-id: {request_id}\r\n" if request_id else ""
         writer.write(
             f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-            f"x-request-id: req_fake_{answer.request_id}\r\n\r\n".encode()
+            f"{request_id_header}\r\n".encode()
         )
         await writer.drain()
         completion = completion_body(request_body, answer.request_id)
@@ -315,7 +319,7 @@ class FakeOpenAI:
                     finish_reason = completion["choices"][0]["finish_reason"]
                     await send({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
                 if script.usage and include_usage:
-                    await send({"choices": [], "usage": completion["usage"]})
+                    await send({"choices": [], "usage": script.usage_counts or completion["usage"]})
                 if script.finish:
                     await send("[DONE]")
             writer.write(b"0\r\n\r\n")

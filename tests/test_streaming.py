@@ -240,6 +240,19 @@ def test_usage_is_estimated_and_marked_when_the_model_server_sends_none(stream, 
     assert usage["completion_tokens"] >= 1 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_usage_counts_that_are_not_counts_are_estimated_instead(stream, fake_openai):
+    fake_openai.then(Stream(usage_counts={"prompt_tokens": 10**400, "completion_tokens": -3, "total_tokens": 1}))
+    _, events = stream()
+    name, done = events[-1]
+    assert name == "done" and done["usage"]["estimated"] is True
+    assert done["usage"]["prompt_tokens"] < 100
+
+
+def test_a_model_named_by_a_path_on_the_servers_disk_is_streamed_as_its_files_name(stream, fake_openai):
+    _, events = stream(settings={"allowed_models": "/models/tiny-chat.Q4_K_M.gguf"}, model="/models/tiny-chat.Q4_K_M.gguf")
+    assert events[-1] == ("done", events[-1][1]) and events[-1][1]["model"] == "tiny-chat.Q4_K_M"
+
+
 def request_lines(capsys) -> list[dict]:
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     return [line for line in lines if line["logger"] == "genapi.request"]
@@ -255,6 +268,18 @@ def test_each_stream_writes_one_log_line_at_its_end(stream, fake_openai, capsys)
     assert line["prompt_tokens"] == 4 and line["completion_tokens"] == 5
     assert line["upstream_request_id"].startswith("req_fake_")
     assert "prompt" not in line and "output" not in line
+
+
+@pytest.mark.parametrize("header, logged", [
+    ("req_\u202e<script>" + "x" * 300, "chatcmpl-fake-"),  # not plain: the chunks' own id instead
+    ("", "chatcmpl-fake-"),  # no header: the chunks' own id
+])
+def test_stream_log_line_has_a_plain_upstream_id_or_the_chunks_own(stream, fake_openai, capsys, header, logged):
+    fake_openai.then(Stream(request_id=header))
+    capsys.readouterr()
+    stream()
+    [line] = request_lines(capsys)
+    assert line["upstream_request_id"].startswith(logged)
 
 
 def test_stream_log_line_holds_the_prompt_and_output_only_with_log_prompts(stream, fake_openai, capsys):

@@ -221,3 +221,18 @@ def test_v1_requests_are_logged_once_each(make_sdk, fake_openai, capsys):
     assert plain["path"] == streamed["path"] == "/v1/chat/completions"
     assert plain["prompt_tokens"] == 2 and plain["completion_tokens"] == 3
     assert streamed["stream_ending"] == "completed" and streamed["completion_tokens"] == 3
+
+
+PATH_MODEL = "/models/tiny-chat.Q4_K_M.gguf"
+
+
+def test_a_model_named_by_a_path_on_the_servers_disk_comes_back_as_its_files_name(make_sdk, fake_openai):
+    completion = make_sdk(allowed_models=PATH_MODEL).chat.completions.create(model=PATH_MODEL, messages=MESSAGES)
+    assert completion.model == "tiny-chat.Q4_K_M"
+    assert completion.choices[0].message.content == "echo: Say hi"
+
+
+def test_a_model_named_by_a_path_is_streamed_as_its_files_name_in_every_chunk(make_sdk, fake_openai):
+    chunks = list(make_sdk(allowed_models=PATH_MODEL).chat.completions.create(
+        model=PATH_MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    assert {chunk.model for chunk in chunks} == {"tiny-chat.Q4_K_M"}
