@@ -97,7 +97,8 @@ def build_openapi(request_models: dict[str, type[BaseModel]], allowed_models: li
             "title": "genapi",
             "version": "1",
             "description": "A generative-AI model behind one endpoint, POST /generate, with an X-API-KEY. Every "
-            "error has one shape, ErrorResponse; an unknown route is a 404 and a wrong method a 405, in that shape.",
+            "error has one shape, ErrorResponse; an unknown route is a 404 and a wrong method a 405, in that shape. "
+            "The interactive docs page built on this document is at /docs.",
         },
         "paths": paths,
         "components": {
