@@ -115,7 +115,7 @@ def memory_mb(root: int) -> tuple[float, float]:
     return rss / 2**20, pss / 2**20
 
 
-def wait_for_port(port: int, seconds: float = 10) -> None:
+def wait_for_port(port: int, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:

@@ -146,7 +146,8 @@ def build_openapi(request_models: dict[str, type[BaseModel]], allowed_models: li
             "version": "1",
             "description": "A generative-AI model behind POST /generate (streamed or not) and OpenAI's own "
             "contract at /v1, with an X-API-KEY (on /v1, or Authorization: Bearer). Every "
-            "error has one shape, ErrorResponse; an unknown route is a 404 and a wrong method a 405, in that shape.",
+            "error has one shape, ErrorResponse; an unknown route is a 404 and a wrong method a 405, in that shape. "
+            "The interactive docs page built on this document is at /docs.",
         },
         "paths": paths,
         "components": {

@@ -13,7 +13,7 @@ import redis
 
 # app.py builds a module-level app at import for gunicorn; give that import a known environment, not the caller's.
 GENAPI_PREFIXES = ("OPENAI_", "LLM_", "API_KEYS", "ALLOWED_MODELS", "MAX_", "ADMIN_", "RATE_LIMIT", "AUTH_", "REDIS_")
-GENAPI_PREFIXES += ("CACHE_", "BATCH_", "TRUSTED_PROXIES")
+GENAPI_PREFIXES += ("CACHE_", "BATCH_", "TRUSTED_PROXIES", "CORS_")
 for variable in [v for v in os.environ if v.startswith(GENAPI_PREFIXES)]:
     del os.environ[variable]
 os.environ["API_KEYS"] = "import-time-key-not-used-by-tests"

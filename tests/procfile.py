@@ -29,7 +29,7 @@ def procfile_web_command() -> list[str]:
 class ProcfileService:
     """The web process, its port, and everything it printed (in a file, so a full pipe can never block it)."""
 
-    def __init__(self, env: dict, log_path: Path, port: int | None = None):
+    def __init__(self, env: dict, log_path: Path, port: int | None = None, cwd: Path = ROOT):
         self.port = port or free_port()
         self.log_path = log_path
         # The venv's bin first, as on a dyno, so `gunicorn` is the one installed beside this Python.
@@ -37,7 +37,7 @@ class ProcfileService:
         environment = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "PORT": str(self.port)} | env
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            procfile_web_command(), cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT
+            procfile_web_command(), cwd=cwd, env=environment, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     @property

@@ -275,3 +275,12 @@ def test_app_json_is_a_heroku_manifest_that_the_readmes_deploy_button_points_at(
         # Heroku asks for every variable that has no value, no generator and is not marked optional.
         assert "value" in entry or "generator" in entry or entry.get("required") is False, variable
         assert isinstance(entry.get("value", ""), str), variable
+
+
+def test_the_readmes_run_command_checks_the_python_version_before_pip():
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("<!-- run-command -->") :]
+    command = block[block.index("```sh\n") + 6 : block.index("\n```", block.index("```sh\n"))]
+    assert command.startswith("python3 -m genapi.require_python && python3 -m venv .venv && ")
+    assert "requirements.txt" in command and "requirements-speedups.txt" not in command
+    assert "gunicorn-h1c" not in (ROOT / "requirements.txt").read_text()  # built from source: needs a C compiler
