@@ -21,11 +21,13 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings, split_list
 from genapi import metrics
+from genapi.admin import ADMIN_REQUEST_MODELS, admin
 from genapi.auth import authenticate, require_admin
 from genapi.cache import build_cache, cache_key
-from genapi.commands import create_key
+from genapi.commands import create_key, database_commands
+from genapi.database import Database, database_url, prepare
 from genapi.errors import ApiError, register_error_handlers
-from genapi.keys import Client, KeyRing
+from genapi.keys import Client, DatabaseKeys, KeyRing
 from genapi.limits import build_limiter, charge
 from genapi.logs import configure_logging, log_request
 from genapi.openapi import build_openapi
@@ -41,10 +43,14 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 def create_app(settings: Settings | None = None, http_client: httpx2.Client | None = None) -> Flask:
     """Build the app from settings (read from the environment when not given); http_client is for tests."""
-    settings = settings or load_settings(serving=will_serve())
-    configure_logging(settings.log_level)
+    serving = will_serve()
+    settings = settings or load_settings(serving=serving)
+    configure_logging(settings.log_level, to_stdout=serving)
 
     app = Flask(__name__, static_folder=None)  # no static files: every route is in the OpenAPI document
+    database = Database(database_url(settings, app.instance_path))
+    if serving:
+        prepare(database)  # a schema that is behind stops start-up here, naming the command that brings it up
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     # Flask's automatic OPTIONS answers are empty HTML pages; an OPTIONS request gets the JSON 405 with Allow instead.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -59,13 +65,16 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     )
     app.extensions["genapi"] = {
         "settings": settings,
+        "database": database,
         "keys": KeyRing(
-            split_list(settings.api_keys.get_secret_value()), split_list(settings.admin_api_keys.get_secret_value())
+            split_list(settings.api_keys.get_secret_value()),
+            split_list(settings.admin_api_keys.get_secret_value()),
+            DatabaseKeys(database.session, settings.key_cache_seconds),
         ),
         "provider": build_provider(settings, http_client),
         "redis": redis_state,
         "cache": build_cache(settings, redis_state),
-        "openapi": build_openapi(request_models, settings.allowed_models),
+        "openapi": build_openapi(request_models | ADMIN_REQUEST_MODELS, settings.allowed_models),
     } | request_models
     register_error_handlers(app)
     app.before_request(start_request)
@@ -77,7 +86,9 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.add_url_rule("/readyz", view_func=limiter.exempt(readyz), methods=["GET"])
     app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
     app.add_url_rule("/metrics", view_func=require_admin(metrics_text), methods=["GET"])
+    app.register_blueprint(admin)
     app.cli.add_command(create_key)
+    app.cli.add_command(database_commands)
     if not settings.has_client_keys:
         log.warning("no client keys are set (API_KEYS, ADMIN_API_KEYS): every request needing a key is refused")
     if redis_state:
@@ -89,6 +100,7 @@ def will_serve() -> bool:
     """Whether this process serves requests: under gunicorn or `flask run`, not under `flask create-key` or `routes`.
 
     The first key is made with `flask create-key` before any is set; a server without one must refuse to start.
+    A command such as `flask db upgrade` must start on a database whose schema is behind, to bring it up.
     """
     command = click.get_current_context(silent=True)
     return command is None or command.info_name == "run"
@@ -140,8 +152,13 @@ def generation_from(options, prompt: str, client: Client) -> Generation:
     """Apply the settings' model default and ALLOWED_MODELS (which bind users, not admins) to validated options."""
     settings: Settings = state("settings")
     model = options.model or settings.openai_model
-    if settings.allowed_models and model not in settings.allowed_models and not client.is_admin:
-        message = f"model {model!r} is not allowed; allowed models: {', '.join(settings.allowed_models)}"
+    # A key's own list of models (a database key's allowed_models) replaces ALLOWED_MODELS, for admins too.
+    if client.allowed_models is not None:
+        allowed = client.allowed_models
+    else:
+        allowed = () if client.is_admin else settings.allowed_models
+    if allowed and model not in allowed:
+        message = f"model {model!r} is not allowed; allowed models: {', '.join(allowed)}"
         raise ApiError(422, message, code="model_not_allowed", param="model", fields=[{"param": "model", "message": message}])
     return Generation(
         prompt=prompt,

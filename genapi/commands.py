@@ -4,6 +4,8 @@ import re
 import secrets
 
 import click
+from flask import current_app
+from flask.cli import AppGroup
 
 from genapi.keys import HASH_PREFIX, digest
 
@@ -23,3 +25,16 @@ def create_key(name: str, admin: bool) -> None:
     click.echo(f"key:   {key}")
     click.echo(f"entry: {name}:{HASH_PREFIX}{digest(key).hex()}")
     click.echo(f"Give the key to its client; add the entry to {variable} (comma-separated). Only the entry is kept.")
+
+
+database_commands = AppGroup("db", help="The database of keys, the audit log and the usage ledger.")
+
+
+@database_commands.command("upgrade")
+def upgrade_database() -> None:
+    """Apply the migrations the database has not had yet (the Procfile's release phase runs this)."""
+    from genapi.database import upgrade
+
+    database = current_app.extensions["genapi"]["database"]
+    upgrade(database.url)
+    click.echo(f"the database at {database.safe_url} is up to date", err=True)

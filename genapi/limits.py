@@ -5,6 +5,7 @@ If Redis fails, Flask-Limiter falls back to in-memory counts in each process (fa
 Redis again with a back-off; nothing about it becomes a 500.
 """
 
+import functools
 import logging
 import time
 
@@ -75,7 +76,10 @@ def build_limiter(app: Flask, settings: Settings, redis_state: RedisState | None
 
 
 class KeyLimits:
-    """RATE_LIMIT, and ADMIN_RATE_LIMIT for admins, parsed once: the per-key limit of each request."""
+    """RATE_LIMIT, and ADMIN_RATE_LIMIT for admins, parsed once: the per-key limit of each request.
+
+    A database key's own rate_limit replaces them for that key.
+    """
 
     def __init__(self, settings: Settings):
         self.user = parse(settings.rate_limit)
@@ -83,7 +87,15 @@ class KeyLimits:
         self.admin = self.user if not admin else None if admin == "none" else parse(admin)
 
     def of(self, client: Client) -> RateLimitItem | None:
+        if client.rate_limit:
+            return parsed_limit(client.rate_limit)
         return self.admin if client.is_admin else self.user
+
+
+@functools.lru_cache(maxsize=1024)
+def parsed_limit(text: str) -> RateLimitItem:
+    """A key's own limit, parsed once per process (a key's text was checked when it was set)."""
+    return parse(text)
 
 
 def charge(cost: int) -> None:

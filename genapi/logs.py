@@ -37,17 +37,20 @@ class JsonFormatter(logging.Formatter):
 class StdoutHandler(logging.StreamHandler):
     """Writes to whatever sys.stdout is when the line is written (so test capture sees it), flushing each line."""
 
+    to_stderr = False  # a command-line tool (`flask keys create`) keeps stdout for its result
+
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stderr if self.to_stderr else sys.stdout
 
     @stream.setter
     def stream(self, _ignored):
         pass
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, to_stdout: bool = True) -> None:
     """Send every log record, ours and the libraries', to stdout as JSON, at the given level; safe to call twice."""
+    StdoutHandler.to_stderr = not to_stdout
     root = logging.getLogger()
     root.setLevel(level)
     # No line shows the caller's file and line, so logging need not walk the stack for them on every record (the

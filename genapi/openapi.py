@@ -5,11 +5,13 @@ drift from what the service accepts and answers. Each route is one entry in ROUT
 (and, if it reads a body, its request model passed to build_openapi by the name its entry gives).
 """
 
+import re
 from dataclasses import dataclass
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from genapi.admin import AuditList, CreatedKey, KeyList, KeyView
 from genapi.errors import ERROR_TYPES
 from genapi.schemas import BatchResponse, ErrorResponse, GenerateResponse, HealthResponse, ReadyResponse
 
@@ -19,9 +21,12 @@ ERROR_MEANINGS = {
     400: "The body is not valid JSON or not a JSON object (invalid_json), or the model server refused the request "
     "itself (upstream_rejected_request).",
     401: "No X-API-KEY header (missing_api_key).",
-    403: "The key is not accepted (invalid_api_key), or the route needs an admin key (admin_only).",
-    404: "No such route (not_found).",
+    403: "The key is not accepted (invalid_api_key), has been revoked (key_revoked) or has expired (key_expired), "
+    "or the route needs an admin key (admin_only).",
+    404: "No such route (not_found), or no key has this id (key_not_found).",
     405: "The route does not take this method (method_not_allowed); the Allow header lists those it takes.",
+    409: "The key is set in API_KEYS or ADMIN_API_KEYS, so the API cannot change, rotate or revoke it "
+    "(key_from_environment).",
     413: "The body is larger than MAX_CONTENT_LENGTH (body_too_large).",
     415: "The body is not sent as application/json (unsupported_media_type).",
     422: "A field is missing, of the wrong type, out of range or unknown (validation_error), or the model is not "
@@ -34,16 +39,20 @@ ERROR_MEANINGS = {
     "credentials, or says genapi's account is out of quota (upstream_error, upstream_unavailable, "
     "upstream_bad_response, upstream_auth, upstream_quota_exceeded).",
     503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds. "
-    "On /readyz: Redis does not answer (redis_unavailable).",
+    "On /readyz: Redis does not answer (redis_unavailable). A database key cannot be checked because the database "
+    "is unreachable (key_store_unavailable); retry after Retry-After seconds.",
     504: "The model server did not answer in time (upstream_timeout).",
 }
 RETRY_AFTER_STATUSES = (429, 503)
 
 # The errors any route can give, and those of a route that reads a JSON body and calls the model.
 ALWAYS = (500,)
-KEYED = (401, 403, 429)
+KEYED = (401, 403, 429, 503)
 JSON_BODY = (400, 413, 415, 422)
 MODEL_CALL = (502, 503, 504)
+
+
+ADMIN = ALWAYS + KEYED
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,22 @@ class Route:
     body: str | None = None  # the name of the request model, from the models create_app built
     auth: str | None = None  # None, "key" or "admin"
     description: str = ""
+    status: int = 200
+    parameters: tuple[dict, ...] = ()  # path and query parameters
+    body_required: bool = True
+
+
+KEY_ID = {
+    "name": "key_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 100},
+    "description": "The key's id: the <id> of gk_<id>_<secret>, or env-<name> for a key from API_KEYS.",
+}
+AUDIT_QUERY = (
+    {"name": "key_id", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "Only this key's entries."},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^[0-9]{1,4}$", "default": "100"},
+     "description": "Most entries to return, newest first: 1 to 1000."},
+)
 
 
 ROUTES = [
@@ -79,6 +104,39 @@ ROUTES = [
     Route(
         "/metrics", "get", "Prometheus metrics, summed over every worker", "text/plain",
         errors=ALWAYS + KEYED, auth="admin", description="For admin keys (ADMIN_API_KEYS) only.",
+    ),
+    Route(
+        "/admin/keys", "post", "Create a key", CreatedKey, errors=ADMIN + JSON_BODY, body="KeyCreate",
+        auth="admin", status=201,
+        description="The answer holds the whole key under `key`, this once: only its secret's digest is stored.",
+    ),
+    Route(
+        "/admin/keys", "get", "List every key", KeyList, errors=ADMIN, auth="admin",
+        description="Database keys and those of API_KEYS and ADMIN_API_KEYS (source: environment); never a secret.",
+    ),
+    Route(
+        "/admin/keys/{key_id}", "get", "Read one key", KeyView, errors=ADMIN + (404,), auth="admin",
+        parameters=(KEY_ID,),
+    ),
+    Route(
+        "/admin/keys/{key_id}", "patch", "Change a key's name or limits", KeyView,
+        errors=ADMIN + JSON_BODY + (404, 409), body="KeyUpdate", auth="admin", parameters=(KEY_ID,),
+        description="Only the fields given change; null clears rate_limit, allowed_models or expires_at.",
+    ),
+    Route(
+        "/admin/keys/{key_id}", "delete", "Revoke a key", KeyView, errors=ADMIN + (404, 409), auth="admin",
+        parameters=(KEY_ID,),
+        description="Every worker of every instance refuses it within KEY_CACHE_SECONDS (key_revoked).",
+    ),
+    Route(
+        "/admin/keys/{key_id}/rotate", "post", "Give a key a new secret", CreatedKey,
+        errors=ADMIN + JSON_BODY + (404, 409), body="KeyRotate", body_required=False, auth="admin",
+        parameters=(KEY_ID,),
+        description="The new key is in the answer, once. The old secret stops at once, or after grace_seconds.",
+    ),
+    Route(
+        "/admin/audit", "get", "Read the audit log of admin actions", AuditList, errors=ADMIN + (422,), auth="admin",
+        parameters=AUDIT_QUERY, description="Newest first. Who, when, what, and the key before and after; never a secret.",
     ),
 ]
 
@@ -159,9 +217,9 @@ def operation(route: Route) -> dict:
         content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.answer.__name__}"}}}
     spec = {
         "summary": route.summary,
-        "operationId": route.method + route.path.replace("/", "_").replace(".", "_"),
-        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
-        "responses": {"200": {"description": "Success.", "headers": request_id, "content": content}}
+        "operationId": route.method + re.sub(r"[/.{}]", "_", route.path),
+        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}, *route.parameters],
+        "responses": {str(route.status): {"description": "Success.", "headers": request_id, "content": content}}
         | {str(status): {"$ref": f"#/components/responses/{status}"} for status in sorted(route.errors)},
         "security": [{SECURITY_SCHEME: []}] if route.auth else [],
     }
@@ -169,7 +227,7 @@ def operation(route: Route) -> dict:
         spec["description"] = route.description
     if route.body:
         spec["requestBody"] = {
-            "required": True,
+            "required": route.body_required,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}},
         }
     return spec
