@@ -24,7 +24,7 @@ from genapi import metrics
 from genapi.admin import ADMIN_REQUEST_MODELS, admin
 from genapi.auth import authenticate, require_admin
 from genapi.cache import build_cache, cache_key
-from genapi.commands import create_key, database_commands
+from genapi.commands import create_key, database_commands, key_commands
 from genapi.database import Database, database_url, prepare
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, DatabaseKeys, KeyRing
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.register_blueprint(admin)
     app.cli.add_command(create_key)
     app.cli.add_command(database_commands)
+    app.cli.add_command(key_commands)
     if not settings.has_client_keys:
         log.warning("no client keys are set (API_KEYS, ADMIN_API_KEYS): every request needing a key is refused")
     if redis_state:

@@ -73,8 +73,14 @@ def alembic_config(url: str) -> AlembicConfig:
 def schema_problem(engine: Engine, url: str) -> str | None:
     """Why the database's schema is not the one this code expects (behind, or from a newer release), or None."""
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
+    migration_log = logging.getLogger("alembic.runtime.migration")
+    level = migration_log.level
+    migration_log.setLevel(logging.WARNING)  # a look is not a migration: no "Context impl ..." lines for it
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    finally:
+        migration_log.setLevel(level)
     if current == head:
         return None
     if current is None:
@@ -122,9 +128,10 @@ def prepare(database: Database) -> None:
             "admin API and the usage ledger will be lost; add Heroku Postgres (heroku addons:create heroku-postgresql)"
         )
     try:
-        if database.is_sqlite:
-            upgrade(database.url)
         problem = schema_problem(database.engine, database.url)
+        if problem and database.is_sqlite:
+            upgrade(database.url)
+            problem = schema_problem(database.engine, database.url)
     except SQLAlchemyError as error:
         problem = f"the database at {database.safe_url} cannot be reached ({type(error).__name__})"
     finally:
