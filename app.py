@@ -4,7 +4,9 @@ The path of a request: `generate()` below -> `authenticate()` (genapi.auth) -> `
 -> `charge()` against the key's rate limit (genapi.limits) -> `answer()`: the cache (genapi.cache), else
 `complete()` -> `provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which
 genapi.errors turns into the one error shape. Every answer then passes `finish_request()`, which counts it in the
-metrics (genapi.metrics) and writes its one JSON log line (genapi.logs).
+metrics (genapi.metrics), writes its one JSON log line (genapi.logs) and, if it reached the model or the cache,
+gives the usage ledger its row (genapi.usage). Keys made at run time, the audit log and usage reports are the admin
+API's (genapi.admin) and /v1/usage's (genapi.usage).
 """
 
 import logging
@@ -34,6 +36,7 @@ from genapi.openapi import build_openapi
 from genapi.providers import Completion, Generation, build_provider
 from genapi.redis_state import RedisState
 from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body
+from genapi.usage import Ledger, record_request, usage_api
 
 log = logging.getLogger("genapi")
 
@@ -66,6 +69,7 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.extensions["genapi"] = {
         "settings": settings,
         "database": database,
+        "ledger": Ledger(database, settings.usage_flush_seconds, settings.usage_buffer_rows),
         "keys": KeyRing(
             split_list(settings.api_keys.get_secret_value()),
             split_list(settings.admin_api_keys.get_secret_value()),
@@ -87,6 +91,7 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
     app.add_url_rule("/metrics", view_func=require_admin(metrics_text), methods=["GET"])
     app.register_blueprint(admin)
+    app.register_blueprint(usage_api)
     app.cli.add_command(create_key)
     app.cli.add_command(database_commands)
     app.cli.add_command(key_commands)
@@ -133,6 +138,7 @@ def finish_request(response: Response) -> Response:
     route = request.url_rule.rule if request.url_rule else None
     metrics.count_request(route, request.method, response.status_code, seconds)
     log_request(response.status_code, seconds, state("settings").log_prompts)
+    record_request(response.status_code, seconds)
     return response
 
 
@@ -225,6 +231,7 @@ def generate():
     body = read_json_body(state("GenerateRequest"))
     generation = generation_from(body, body.prompt, client)
     charge(1)
+    g.usage_model = generation.model  # from here on the request reaches the model or the cache: it has a usage row
     result = answer(client, generation, g.request_id, wants_fresh_answer())
     response = jsonify(result)
     if state("cache"):
@@ -238,6 +245,7 @@ def generate_batch():
     body = read_json_body(state("BatchRequest"))
     generations = [generation_from(body, prompt, client) for prompt in body.prompts]
     charge(len(generations))  # each prompt is one request against the key's limit: all of the batch, or 429
+    g.usage_model = generations[0].model
     app, request_id, fresh = current_app._get_current_object(), g.request_id, wants_fresh_answer()
 
     def answer_or_error(position: int, generation: Generation) -> tuple[dict, Completion | None]:

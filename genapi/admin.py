@@ -8,7 +8,7 @@ operations below against the same database.
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from limits import parse_many
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
@@ -18,9 +18,11 @@ from genapi.errors import ApiError
 from genapi.keys import Client, new_database_key, new_secret, utc_now
 from genapi.models import ApiKey, AuditEntry
 from genapi.schemas import parse_body
+from genapi.usage import UsageReport
 
 ENVIRONMENT_ID_PREFIX = "env-"  # API_KEYS and ADMIN_API_KEYS entries, listed as env-<name>
 MAX_GRACE_SECONDS = 7 * 24 * 3600
+RECENT_USAGE_DAYS = 7  # the usage GET /admin/keys/{id} shows
 
 
 def _check_rate_limit(value: str | None) -> str | None:
@@ -97,6 +99,12 @@ class KeyView(BaseModel):
     revoked_at: str | None
     created_at: str | None
     updated_at: str | None
+
+
+class KeyDetail(KeyView):
+    """A key with its usage of the last seven days."""
+
+    usage: UsageReport
 
 
 class CreatedKey(KeyView):
@@ -360,10 +368,36 @@ def get_keys():
 
 @admin.get("/keys/<key_id>")
 def get_key(key_id: str):
+    """One key, with its requests and tokens of the last RECENT_USAGE_DAYS days, by day and model."""
+    from genapi.usage import totals
+
     try:
-        return jsonify(read_key(sessions(), key_id, genapi_state("keys").environment_clients))
+        view = read_key(sessions(), key_id, genapi_state("keys").environment_clients)
     except KeyNotFound:
         raise not_found(key_id) from None
+    end = utc_now().date()
+    database_id = None if view["source"] == "environment" else view["id"]
+    recent = totals(sessions(), end - timedelta(RECENT_USAGE_DAYS - 1), end, ("model", "day"), view["name"], database_id, only_key=True)
+    return jsonify(view | {"usage": recent})
+
+
+@admin.get("/usage")
+def get_usage():
+    """Every key's requests and tokens over a range of days, grouped by key, model and/or day; JSON or CSV."""
+    from genapi.usage import GROUPS, as_csv, day_range, invalid_query, totals
+
+    start, end = day_range()
+    group_by = tuple(group.strip() for group in request.args.get("group_by", "key,model,day").split(",") if group.strip())
+    if not set(group_by) <= set(GROUPS):
+        raise invalid_query("group_by", "group by key, model and/or day, comma-separated")
+    key_id = request.args.get("key_id") or None
+    if key_id and key_id.startswith(ENVIRONMENT_ID_PREFIX):  # a key of API_KEYS: its rows are known by its name
+        report = totals(sessions(), start, end, group_by, key_id[len(ENVIRONMENT_ID_PREFIX):], None, only_key=True)
+    else:
+        report = totals(sessions(), start, end, group_by, key_id=key_id, only_key=key_id is not None)
+    if request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv":
+        return Response(as_csv(report), content_type="text/csv; charset=utf-8")
+    return jsonify(report)
 
 
 @admin.patch("/keys/<key_id>")

@@ -35,6 +35,7 @@ TOKENS = Counter("genapi_tokens", "Tokens sent to the model (in) and generated b
 UPSTREAM_ERRORS = Counter("genapi_upstream_errors", "Failed calls to the model server, by error code.", ["kind"])
 CACHE_LOOKUPS = Counter("genapi_cache_lookups", "Response cache lookups, by result: hit or miss.", ["result"])
 RATE_LIMITED = Counter("genapi_rate_limited", "Requests refused with 429 by a rate limit.")
+USAGE_DROPPED = Counter("genapi_usage_rows_dropped", "Usage rows dropped, the oldest, past USAGE_BUFFER_ROWS.")
 
 
 def count_request(route: str | None, method: str, status: int, seconds: float) -> None:
@@ -72,3 +73,8 @@ def exposition() -> tuple[bytes, str]:
         MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def count_usage_dropped() -> None:
+    """For the usage ledger to call on each row it drops while the database is away."""
+    USAGE_DROPPED.inc()

@@ -48,3 +48,27 @@ class AuditEntry(Base):
     key_id: Mapped[str] = mapped_column(String(16), index=True)
     before: Mapped[dict | None] = mapped_column(JSON)  # the key's public fields, never a secret or a digest
     after: Mapped[dict | None] = mapped_column(JSON)
+
+
+class UsageRow(Base):
+    """One request that reached the model or the cache: who, what, how many tokens, how it ended. Never a prompt,
+    an output or a secret."""
+
+    __tablename__ = "usage"
+    __table_args__ = (Index("ix_usage_key_at", "key_name", "key_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    request_id: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str | None] = mapped_column(String(16))  # a database key's id; None for an API_KEYS key
+    key_name: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(200))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    estimated: Mapped[bool] = mapped_column(Boolean)  # counted by genapi (a stream cut short), not by the model
+    cached: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[int] = mapped_column(Integer)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    duration_ms: Mapped[float] = mapped_column(Float)
+    upstream_ms: Mapped[float | None] = mapped_column(Float)

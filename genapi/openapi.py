@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from genapi.admin import AuditList, CreatedKey, KeyList, KeyView
+from genapi.admin import AuditList, CreatedKey, KeyDetail, KeyList, KeyView
 from genapi.errors import ERROR_TYPES
 from genapi.schemas import BatchResponse, ErrorResponse, GenerateResponse, HealthResponse, ReadyResponse
+from genapi.usage import OwnUsage, UsageReport
 
 SECURITY_SCHEME = "ApiKey"
 
@@ -68,11 +69,27 @@ class Route:
     status: int = 200
     parameters: tuple[dict, ...] = ()  # path and query parameters
     body_required: bool = True
+    csv: bool = False  # also answers text/csv, to Accept: text/csv
 
 
 KEY_ID = {
     "name": "key_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 100},
     "description": "The key's id: the <id> of gk_<id>_<secret>, or env-<name> for a key from API_KEYS.",
+}
+DATE_RANGE = (
+    {"name": "start", "in": "query", "required": False, "schema": {"type": "string", "format": "date"},
+     "description": "First UTC day, YYYY-MM-DD; default 29 days before end."},
+    {"name": "end", "in": "query", "required": False, "schema": {"type": "string", "format": "date"},
+     "description": "Last UTC day, YYYY-MM-DD, included; default today. A range covers at most 366 days."},
+)
+GROUP_BY = {
+    "name": "group_by", "in": "query", "required": False,
+    "schema": {"type": "string", "pattern": "^(key|model|day)(,(key|model|day))*$", "default": "key,model,day"},
+    "description": "What to group by: key, model and/or day, comma-separated.",
+}
+USAGE_KEY = {
+    "name": "key_id", "in": "query", "required": False, "schema": {"type": "string"},
+    "description": "Only this key's usage (env-<name> for a key of API_KEYS).",
 }
 AUDIT_QUERY = (
     {"name": "key_id", "in": "query", "required": False, "schema": {"type": "string"},
@@ -115,8 +132,8 @@ ROUTES = [
         description="Database keys and those of API_KEYS and ADMIN_API_KEYS (source: environment); never a secret.",
     ),
     Route(
-        "/admin/keys/{key_id}", "get", "Read one key", KeyView, errors=ADMIN + (404,), auth="admin",
-        parameters=(KEY_ID,),
+        "/admin/keys/{key_id}", "get", "Read one key, with its usage of the last seven days", KeyDetail,
+        errors=ADMIN + (404,), auth="admin", parameters=(KEY_ID,),
     ),
     Route(
         "/admin/keys/{key_id}", "patch", "Change a key's name or limits", KeyView,
@@ -133,6 +150,16 @@ ROUTES = [
         errors=ADMIN + JSON_BODY + (404, 409), body="KeyRotate", body_required=False, auth="admin",
         parameters=(KEY_ID,),
         description="The new key is in the answer, once. The old secret stops at once, or after grace_seconds.",
+    ),
+    Route(
+        "/v1/usage", "get", "The calling key's own usage by day and model", OwnUsage, errors=ALWAYS + KEYED + (422,),
+        auth="key", parameters=DATE_RANGE,
+        description="Requests and tokens of the rows written so far (within USAGE_FLUSH_SECONDS of each request).",
+    ),
+    Route(
+        "/admin/usage", "get", "Every key's usage, grouped by key, model and/or day", UsageReport,
+        errors=ADMIN + (422,), auth="admin", parameters=(*DATE_RANGE, GROUP_BY, USAGE_KEY), csv=True,
+        description="JSON, or CSV with Accept: text/csv (one header line, then one line per group).",
     ),
     Route(
         "/admin/audit", "get", "Read the audit log of admin actions", AuditList, errors=ADMIN + (422,), auth="admin",
@@ -215,6 +242,8 @@ def operation(route: Route) -> dict:
         content = {route.answer: {"schema": schema}}
     else:
         content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.answer.__name__}"}}}
+        if route.csv:
+            content["text/csv"] = {"schema": {"type": "string"}}
     spec = {
         "summary": route.summary,
         "operationId": route.method + re.sub(r"[/.{}]", "_", route.path),

@@ -97,12 +97,17 @@ def upstream() -> MockUpstream:
 def make_app(upstream):
     """Build an app whose upstream is the mocked transport; keyword arguments override settings."""
 
+    apps = []
+
     def build(**overrides):
         app = create_app(make_settings(**overrides), http_client=upstream.http_client())
         app.config["TESTING"] = True
+        apps.append(app)
         return app
 
-    return build
+    yield build
+    for app in apps:  # write each app's usage rows, and stop its writer, before its database goes away
+        app.extensions["genapi"]["ledger"].close()
 
 
 @pytest.fixture
@@ -309,10 +314,53 @@ def database_url(request, tmp_path) -> str:
 
 
 @pytest.fixture
-def db_app(make_app, database_url):
+def db_app(database_url, make_app):
     """An app on this test's own database; keyword arguments override settings."""
 
     def build(**overrides):
         return make_app(**({"database_url": database_url} | overrides))
 
     return build
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of this test's own (initdb in a temporary folder, on a free port), which it may stop.
+
+    initdb refuses to run as root, so as root the cluster belongs to the `postgres` user.
+    """
+
+    def __init__(self, tmp_path):
+        self.port = free_port()
+        self.folder = tempfile.mkdtemp(prefix="genapi-pg-")
+        self.data = os.path.join(self.folder, "data")
+        self.as_owner = []
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        self.start()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *command) -> None:
+        subprocess.run(self.as_owner + list(command), check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off"
+        self._run("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.folder, "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run(self.as_owner + ["pg_ctl", "-D", self.data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres(tmp_path):
+    """A PostgreSQL that this test can take away mid-run; the shared one is never stopped."""
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        postgres_missing("initdb and pg_ctl are not installed (apt-get install postgresql)")
+    server = PrivatePostgres(tmp_path)
+    yield server
+    server.remove()
