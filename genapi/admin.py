@@ -17,7 +17,7 @@ from genapi.auth import authenticate
 from genapi.errors import ApiError
 from genapi.keys import Client, new_database_key, new_secret, utc_now
 from genapi.models import ApiKey, AuditEntry
-from genapi.schemas import parse_body
+from genapi.schemas import WholeNumber, parse_body
 from genapi.usage import UsageReport
 
 ENVIRONMENT_ID_PREFIX = "env-"  # API_KEYS and ADMIN_API_KEYS entries, listed as env-<name>
@@ -41,8 +41,14 @@ def _as_utc(value: datetime | None) -> datetime | None:
     return value
 
 
+# Flask-Limiter's notation, spelt out so that the OpenAPI document says what is accepted.
+_ONE_LIMIT = "[0-9]{1,9} *(/|per) *([0-9]{1,9} *)?(second|minute|hour|day|month|year)s?"
+RATE_LIMIT_PATTERN = f"^{_ONE_LIMIT}( *[;,] *{_ONE_LIMIT})*$"
+
 KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-RateLimit = Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(_check_rate_limit)]
+RateLimit = Annotated[
+    str, StringConstraints(min_length=1, max_length=100, pattern=RATE_LIMIT_PATTERN), AfterValidator(_check_rate_limit)
+]
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Moment = Annotated[datetime, AfterValidator(_as_utc)]
 
@@ -50,7 +56,7 @@ Moment = Annotated[datetime, AfterValidator(_as_utc)]
 class KeyCreate(BaseModel):
     """The body of POST /admin/keys."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: KeyName = Field(description="Shown in logs, usage and the audit log; keys that share a name share a rate limit.")
     role: Literal["user", "admin"] = "user"
@@ -64,7 +70,7 @@ class KeyCreate(BaseModel):
 class KeyUpdate(BaseModel):
     """The body of PATCH /admin/keys/{id}: only the fields given change; null clears one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: KeyName | None = None
     rate_limit: RateLimit | None = None
@@ -75,9 +81,9 @@ class KeyUpdate(BaseModel):
 class KeyRotate(BaseModel):
     """The body of POST /admin/keys/{id}/rotate (optional)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    grace_seconds: int = Field(
+    grace_seconds: WholeNumber = Field(
         default=0, ge=0, le=MAX_GRACE_SECONDS, description="How long the old secret keeps working; 0: it stops now."
     )
 
@@ -387,7 +393,7 @@ def get_usage():
     from genapi.usage import GROUPS, as_csv, day_range, invalid_query, totals
 
     start, end = day_range()
-    group_by = tuple(group.strip() for group in request.args.get("group_by", "key,model,day").split(",") if group.strip())
+    group_by = tuple(request.args.get("group_by", "key,model,day").split(","))
     if not set(group_by) <= set(GROUPS):
         raise invalid_query("group_by", "group by key, model and/or day, comma-separated")
     key_id = request.args.get("key_id") or None

@@ -65,7 +65,7 @@ def _print(value) -> None:
 
 def _validated(model, **fields):
     try:
-        return model(**fields)
+        return model.model_validate_json(json.dumps(fields))  # as the admin API reads it: times as ISO 8601 text
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'value'}: {p['msg']}" for p in error.errors())
         raise click.UsageError(problems) from None

@@ -80,7 +80,8 @@ DATE_RANGE = (
     {"name": "start", "in": "query", "required": False, "schema": {"type": "string", "format": "date"},
      "description": "First UTC day, YYYY-MM-DD; default 29 days before end."},
     {"name": "end", "in": "query", "required": False, "schema": {"type": "string", "format": "date"},
-     "description": "Last UTC day, YYYY-MM-DD, included; default today. A range covers at most 366 days."},
+     "description": "Last UTC day, YYYY-MM-DD, included; default today, or 29 days after start. A start after "
+     "the end is an empty range."},
 )
 GROUP_BY = {
     "name": "group_by", "in": "query", "required": False,
@@ -95,7 +96,7 @@ AUDIT_QUERY = (
     {"name": "key_id", "in": "query", "required": False, "schema": {"type": "string"},
      "description": "Only this key's entries."},
     {"name": "limit", "in": "query", "required": False,
-     "schema": {"type": "string", "pattern": "^[0-9]{1,4}$", "default": "100"},
+     "schema": {"type": "string", "pattern": "^([1-9][0-9]{0,2}|1000)$", "default": "100"},
      "description": "Most entries to return, newest first: 1 to 1000."},
 )
 

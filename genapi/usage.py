@@ -34,7 +34,6 @@ from genapi.models import UsageRow
 log = logging.getLogger("genapi")
 
 BATCH_ROWS = 1000  # rows in one INSERT; a backlog after an outage is written a batch at a time
-MAX_RANGE_DAYS = 366
 DEFAULT_RANGE_DAYS = 30
 GROUPS = ("key", "model", "day")
 _LEDGERS: "weakref.WeakSet[Ledger]" = weakref.WeakSet()  # every ledger of this process, for the shutdown flush
@@ -221,16 +220,20 @@ class OwnUsage(UsageReport):
 
 
 def day_range() -> tuple[date, date]:
-    """?start=YYYY-MM-DD&end=YYYY-MM-DD, both included (UTC days); the last 30 days by default."""
+    """?start=YYYY-MM-DD&end=YYYY-MM-DD, both included (UTC days): by default the 30 days up to end, or from start.
+
+    A start after the end is an empty range, not an error.
+    """
     try:
-        end = date.fromisoformat(request.args["end"]) if request.args.get("end") else utc_now().date()
-        start = date.fromisoformat(request.args["start"]) if request.args.get("start") else end - timedelta(DEFAULT_RANGE_DAYS - 1)
+        start = date.fromisoformat(request.args["start"]) if "start" in request.args else None
+        end = date.fromisoformat(request.args["end"]) if "end" in request.args else None
     except ValueError:
         raise invalid_query("start", "start and end must be dates, YYYY-MM-DD") from None
-    if start > end:
-        raise invalid_query("start", "start must not be after end")
-    if (end - start).days >= MAX_RANGE_DAYS:
-        raise invalid_query("start", f"a range covers at most {MAX_RANGE_DAYS} days")
+    span = timedelta(DEFAULT_RANGE_DAYS - 1)
+    if end is None:
+        end = utc_now().date() if start is None else min(start, date.max - span) + span
+    if start is None:
+        start = max(end, date.min + span) - span
     return start, end
 
 
@@ -251,7 +254,7 @@ def totals(sessions, start: date, end: date, group_by: tuple[str, ...], key_name
         func.count().label("requests"),
         func.coalesce(func.sum(UsageRow.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(UsageRow.completion_tokens), 0).label("completion_tokens"),
-    ).where(UsageRow.at >= datetime.combine(start, time()), UsageRow.at < datetime.combine(end + timedelta(1), time()))
+    ).where(UsageRow.at >= datetime.combine(start, time()), UsageRow.at <= datetime.combine(end, time.max))
     if only_key:  # one key: a database key by its id, a key from API_KEYS by its name
         query = query.where(UsageRow.key_id == key_id) if key_id else query.where(
             UsageRow.key_name == key_name, UsageRow.key_id.is_(None)

@@ -246,3 +246,9 @@ def test_no_secret_or_digest_reaches_an_answer_the_audit_log_the_logs_or_the_met
     for text_shown in shown:
         for value in forbidden:
             assert value not in text_shown
+
+
+def test_a_grace_period_may_be_a_whole_float_as_json_schema_counts_it(client):
+    created = create(client)
+    response = client.post(f"/admin/keys/{created['id']}/rotate", json={"grace_seconds": 60.0}, headers=ADMIN)
+    assert response.status_code == 200

@@ -25,7 +25,8 @@ def test_a_key_created_on_the_command_line_works_through_the_api(db_app):
 
 def test_the_command_line_lists_updates_rotates_and_revokes_and_the_audit_log_says_cli(db_app):
     app = db_app()
-    created = invoke(app, "keys", "create", "ops", "--admin")
+    created = invoke(app, "keys", "create", "ops", "--admin", "--expires-at", "2999-01-31T00:00:00Z")
+    assert created["expires_at"] == "2999-01-31T00:00:00+00:00"
     assert created["role"] == "admin"
     assert created["id"] in [key["id"] for key in invoke(app, "keys", "list")]
     assert invoke(app, "keys", "update", created["id"], "--rate-limit", "9/minute")["rate_limit"] == "9/minute"
