@@ -9,10 +9,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import psycopg
 import pytest
 
-from app import create_app
 from config import Settings
 from genapi.database import UPGRADE_COMMAND, database_url
 from tests.conftest import ADMIN_KEY, admin_connection, make_settings
@@ -129,3 +127,12 @@ def test_psycopg_waits_through_gevents_poll_once_gevent_has_patched_select():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "psycopg.waiting"]
+
+
+def test_the_procfile_service_refuses_to_start_on_a_postgres_schema_that_is_behind(postgres_database, tmp_path):
+    from tests.procfile import ProcfileService
+
+    service = ProcfileService({"API_KEYS": "k", "DATABASE_URL": postgres_database.url}, tmp_path / "web.log")
+    assert service.process.wait(30) == 2
+    service.terminate()
+    assert f"genapi cannot start: the database has no genapi schema yet; run `{UPGRADE_COMMAND}`" in service.output()
