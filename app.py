@@ -4,11 +4,14 @@ The path of a request: `generate()` below -> `authenticate()` (genapi.auth) -> `
 -> `charge()` against the key's rate limit (genapi.limits) -> `answer()`: the cache (genapi.cache), else
 `complete()` -> `provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which
 genapi.errors turns into the one error shape. Every answer then passes `finish_request()`, which counts it in the
-metrics (genapi.metrics) and writes its one JSON log line (genapi.logs).
+metrics (genapi.metrics), writes its one JSON log line (genapi.logs) and, if it reached the model or the cache,
+gives the usage ledger its row (genapi.usage).
 
 With "stream": true, `stream_answer()` hands the answer to a StreamRelay (genapi.streaming), which relays the
-model's stream as server-sent events and, when the stream ends, counts it and writes its log line itself. The
-OpenAI-compatible routes, /v1/chat/completions and /v1/models, are the blueprint in genapi.v1.
+model's stream as server-sent events and, when the stream ends, counts it, writes its log line and gives the
+ledger its row itself. The OpenAI-compatible routes, /v1/chat/completions and /v1/models, are the blueprint in
+genapi.v1; keys made at run time, the audit log and usage reports are the admin API's (genapi.admin) and
+/v1/usage's (genapi.usage).
 """
 
 import functools
@@ -24,13 +27,15 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import UPSTREAM_BUDGET_SECONDS, Settings, load_settings, split_list
 from genapi import metrics, v1
+from genapi.admin import ADMIN_REQUEST_MODELS, admin
 from genapi.auth import authenticate, require_admin
 from genapi.cache import build_cache, cache_key
-from genapi.commands import create_key
+from genapi.commands import create_key, database_commands, key_commands
 from genapi.cors import bind_cors
+from genapi.database import Database, database_url, prepare
 from genapi.docs_page import register_docs_page
 from genapi.errors import ApiError, register_error_handlers
-from genapi.keys import Client, KeyRing
+from genapi.keys import Client, DatabaseKeys, KeyRing
 from genapi.limits import build_limiter, charge
 from genapi.logs import configure_logging, log_request, sane_request_id, stream_record
 from genapi.openapi import build_openapi
@@ -38,6 +43,7 @@ from genapi.providers import Completion, Generation, build_provider, chat_body
 from genapi.redis_state import RedisState
 from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body, read_body
 from genapi.streaming import CachedStream, GenerateEvents, StreamLimits, StreamRelay, stream_response
+from genapi.usage import Ledger, record_request, stream_usage_recorder, usage_api
 
 log = logging.getLogger("genapi")
 
@@ -50,6 +56,9 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     configure_logging(settings.log_level, to_stderr=not serving)
 
     app = Flask(__name__, static_folder=None)  # no static files: every route is in the OpenAPI document
+    database = Database(database_url(settings, app.instance_path))
+    if serving:
+        prepare(database)  # a schema that is behind stops start-up here, naming the command that brings it up
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     # Flask's automatic OPTIONS answers are empty HTML pages; an OPTIONS request gets the JSON 405 with Allow instead.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -64,13 +73,17 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     )
     app.extensions["genapi"] = {
         "settings": settings,
+        "database": database,
+        "ledger": Ledger(database, settings.usage_flush_seconds, settings.usage_buffer_rows),
         "keys": KeyRing(
-            split_list(settings.api_keys.get_secret_value()), split_list(settings.admin_api_keys.get_secret_value())
+            split_list(settings.api_keys.get_secret_value()),
+            split_list(settings.admin_api_keys.get_secret_value()),
+            DatabaseKeys(database.session, settings.key_cache_seconds),
         ),
         "provider": build_provider(settings, http_client),
         "redis": redis_state,
         "cache": build_cache(settings, redis_state),
-        "openapi": build_openapi(request_models, settings.allowed_models),
+        "openapi": build_openapi(request_models | ADMIN_REQUEST_MODELS, settings.allowed_models),
     } | request_models
     register_error_handlers(app)
     app.before_request(start_request)
@@ -85,7 +98,11 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
     app.add_url_rule("/metrics", view_func=require_admin(metrics_text), methods=["GET"])
     register_docs_page(app, limiter)
+    app.register_blueprint(admin)
+    app.register_blueprint(usage_api)
     app.cli.add_command(create_key)
+    app.cli.add_command(database_commands)
+    app.cli.add_command(key_commands)
     if redis_state:
         log.info("rate limits and the cache are shared through Redis at %s", redis_state.url)
     return app
@@ -95,6 +112,7 @@ def will_serve() -> bool:
     """Whether this process serves requests: under gunicorn or `flask run`, not under `flask create-key` or `routes`.
 
     The first key is made with `flask create-key` before any is set; a server without one must refuse to start.
+    A command such as `flask db upgrade` must start on a database whose schema is behind, to bring it up.
     """
     command = click.get_current_context(silent=True)
     return command is None or command.info_name == "run"
@@ -130,6 +148,7 @@ def finish_request(response: Response) -> Response:
     route = request.url_rule.rule if request.url_rule else None
     metrics.count_request(route, request.method, response.status_code, seconds)
     log_request(response.status_code, seconds, state("settings").log_prompts)
+    record_request(response.status_code, seconds)
     return response
 
 
@@ -142,8 +161,13 @@ def generation_from(options, prompt: str, client: Client) -> Generation:
     """Apply the settings' model default and ALLOWED_MODELS (which bind users, not admins) to validated options."""
     settings: Settings = state("settings")
     model = options.model or settings.openai_model
-    if settings.allowed_models and model not in settings.allowed_models and not client.is_admin:
-        message = f"model {model!r} is not allowed; allowed models: {', '.join(settings.allowed_models)}"
+    # A key's own list of models (a database key's allowed_models) replaces ALLOWED_MODELS, for admins too.
+    if client.allowed_models is not None:
+        allowed = client.allowed_models
+    else:
+        allowed = () if client.is_admin else settings.allowed_models
+    if allowed and model not in allowed:
+        message = f"model {model!r} is not allowed; allowed models: {', '.join(allowed)}"
         raise ApiError(422, message, code="model_not_allowed", param="model", fields=[{"param": "model", "message": message}])
     return Generation(
         prompt=prompt,
@@ -212,6 +236,7 @@ def generate():
     body = read_json_body(state("GenerateRequest"))
     generation = generation_from(body, body.prompt, client)
     charge(1)
+    g.usage_model = generation.model  # from here on the request reaches the model or the cache: it has a usage row
     if body.stream:
         return stream_answer(client, generation, wants_fresh_answer())
     result = answer(client, generation, g.request_id, wants_fresh_answer())
@@ -244,6 +269,7 @@ def stream_answer(client: Client, generation: Generation, fresh: bool) -> Respon
         prompt_chars=len(generation.prompt) + len(generation.system or ""),
         model=generation.model,
         on_complete=functools.partial(cache.put, key) if cache and stored is None else None,
+        record_usage=stream_usage_recorder(),
     )
     response = stream_response(relay)
     if cache:
@@ -257,6 +283,7 @@ def generate_batch():
     body = read_json_body(state("BatchRequest"))
     generations = [generation_from(body, prompt, client) for prompt in body.prompts]
     charge(len(generations))  # each prompt is one request against the key's limit: all of the batch, or 429
+    g.usage_model = generations[0].model
     app, request_id, fresh = current_app._get_current_object(), g.request_id, wants_fresh_answer()
     # However many rounds of BATCH_CONCURRENCY the prompts take, the request ends inside the budget that start-up
     # checks one call against: the last prompts get what is left of it, or a 504 when nothing is.

@@ -85,6 +85,17 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None  # may hold a password
     redis_key_prefix: str = Field(default="genapi:", min_length=1, max_length=100)
 
+    # The database of keys, the audit log and the usage ledger: a SQLite file in the instance folder by default;
+    # postgres:// (as Heroku Postgres sets it) or postgresql:// for PostgreSQL. May hold a password.
+    database_url: SecretStr | None = None
+    # Seconds a key read from the database is trusted before it is read again: how long a revocation takes to reach
+    # every worker of every instance.
+    key_cache_seconds: float = Field(default=1.0, gt=0, le=2)
+    # The usage ledger: rows are written in batches this often, off the request path; at most this many wait for
+    # the database while it is away (past that, the oldest are dropped, logged and counted).
+    usage_flush_seconds: float = Field(default=1.0, gt=0, le=10)
+    usage_buffer_rows: int = Field(default=100_000, ge=100)
+
     # The response cache: seconds an answer is kept; 0 turns it off.
     cache_ttl: int = Field(default=0, ge=0)
     cache_max_entries: int = Field(default=1024, ge=1)  # in each process without Redis, in all with it
@@ -154,6 +165,20 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://, for example redis://localhost:6379")
         try:
             urlsplit(url).port  # raises on a port that is not a number, which redis-py would only find later
+        except ValueError:
+            raise ValueError("has a port that is not a number") from None
+        return url
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _check_database_url(cls, value):
+        url = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if url in (None, ""):
+            return None
+        if not url.startswith(("sqlite://", "postgres://", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("must start with postgres://, postgresql:// or sqlite://, for example sqlite:///genapi.db")
+        try:
+            urlsplit(url).port
         except ValueError:
             raise ValueError("has a port that is not a number") from None
         return url

@@ -109,6 +109,13 @@ def post_worker_init(worker):
     signal.signal(signal.SIGTERM, handle_exit_with_streams)
 
 
+def worker_exit(server, worker):
+    """In the worker, once it has finished its last request: write the usage rows still waiting."""
+    from genapi.usage import close_all
+
+    close_all()
+
+
 def child_exit(server, worker):
     """A dead worker's counters stay in the sums; prometheus_client drops only its live gauges."""
     from prometheus_client import multiprocess

@@ -3,6 +3,9 @@
     .venv/bin/python bench/run.py            # the full run, about 2 minutes; prints the table for docs/benchmark.md
     .venv/bin/python bench/run.py --quick    # every scenario for ~2 s with fewer clients; CI's smoke, asserts no speed
 
+With PostgreSQL reachable (BENCH_POSTGRES_URL, default the local one), it runs the service again on a database of
+its own, with a key from the database and the usage ledger writing there, for the rows named "PostgreSQL".
+
 It starts tests/fake_openai.py as its own process, then the service exactly as the Procfile does (same command, PORT
 set, default configuration), drives POST /generate with wrk, and reads the CPU time and memory of the service's
 processes (the gunicorn master and its workers) from /proc before and after each scenario. The instant-upstream
@@ -194,11 +197,12 @@ def wrk(port: int, path: str, body: str, clients: int, seconds: float, stagger: 
     return numbers
 
 
-def load_service(service: ProcfileService, clients: int, seconds: float, stagger: float = 0.0, ramp: float = 0.0) -> dict:
+def load_service(service: ProcfileService, clients: int, seconds: float, stagger: float = 0.0, ramp: float = 0.0,
+                 api_key: str = API_KEY) -> dict:
     """wrk against POST /generate, with the service's CPU time per answered request."""
     pid = service.process.pid
     cpu_before = cpu_seconds(pid)
-    numbers = wrk(service.port, "/generate", SERVICE_BODY, clients, seconds, stagger, API_KEY, ramp)
+    numbers = wrk(service.port, "/generate", SERVICE_BODY, clients, seconds, stagger, api_key, ramp)
     numbers["cpu_ms_per_request"] = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, numbers["requests"])
     numbers["rss_mb"], numbers["pss_mb"] = memory_mb(pid)
     return numbers
@@ -227,8 +231,10 @@ def verdicts(value: float, limit: float, speed: float) -> str:
 def run(plan: Plan, workdir: Path) -> list[Row]:
     upstream_port = free_port()
     upstream = FakeUpstream(upstream_port, plan.upstream_delay, workdir / "upstream.log")
+    (workdir / "bench.sqlite3").unlink(missing_ok=True)
     env = {
         "API_KEYS": f"bench:{API_KEY}",
+        "DATABASE_URL": f"sqlite:///{workdir / 'bench.sqlite3'}",  # the default kind, in the results folder
         "OPENAI_API_KEY": "sk-bench",
         "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
         # One key sends every request here: the rate limiter still runs on each, but must not refuse them.
@@ -303,6 +309,78 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
     return rows
 
 
+BENCH_POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def run_with_postgres(plan: Plan, workdir: Path, baseline: list[Row]) -> list[Row]:
+    """The same service on PostgreSQL: its key read from the database (cached), every request in the ledger.
+
+    Compared with the rows above, whose key is in API_KEYS and whose ledger is a SQLite file.
+    """
+    import uuid
+
+    import psycopg
+
+    try:
+        admin = psycopg.connect(BENCH_POSTGRES_URL, autocommit=True, connect_timeout=2)
+    except psycopg.Error as error:
+        return [Row(f"PostgreSQL: not reachable at {BENCH_POSTGRES_URL} ({type(error).__name__}), skipped")]
+    name = f"genapi_bench_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    database = BENCH_POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    upstream_port = free_port()
+    upstream = FakeUpstream(upstream_port, plan.upstream_delay, workdir / "upstream-pg.log")
+    env = {
+        "DATABASE_URL": database,
+        "ADMIN_API_KEYS": f"bench-admin:{API_KEY}-admin",
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        "RATE_LIMIT": "1000000/second",
+    }
+    rows: list[Row] = []
+    service = None
+    try:
+        environment = {"PATH": os.environ["PATH"], "DATABASE_URL": database}
+        flask = str(Path(sys.executable).parent / "flask")
+        subprocess.run([flask, "--app", "app", "db", "upgrade"], cwd=ROOT, env=environment, check=True, capture_output=True)
+        created = subprocess.run([flask, "--app", "app", "keys", "create", "bench-db"], cwd=ROOT, env=environment,
+                                 check=True, capture_output=True, text=True)  # fmt: skip
+        key = json.loads(created.stdout)["key"]
+        service = ProcfileService(env, workdir / "service-pg.log")
+        service.wait_until_healthy()
+        clients = plan.slow_clients[-1]
+        load_service(service, plan.slow_clients[0], plan.warmup_seconds, api_key=key)
+        numbers = load_service(service, clients, plan.seconds, stagger=plan.upstream_delay, ramp=2 * plan.upstream_delay,
+                               api_key=key)  # fmt: skip
+        ideal = clients / plan.upstream_delay
+        ok = numbers["window_rps"] >= 0.95 * ideal and numbers["errors"] == 0
+        rows.append(row(f"PostgreSQL: {clients} clients, upstream {plan.upstream_delay:g} s, {plan.seconds:g} s", numbers,
+                        f"{numbers['window_rps'] / ideal:.1%} of ideal {ideal:g}/s", verdict(ok), rps=numbers["window_rps"]))  # fmt: skip
+        upstream.stop()
+        upstream = FakeUpstream(upstream_port, 0.0, workdir / "upstream-pg.log")
+        load_service(service, plan.busy_clients, plan.warmup_seconds, api_key=key)
+        numbers = load_service(service, plan.busy_clients, plan.instant_seconds, api_key=key)
+        without = next((r for r in baseline if r.scenario.startswith(f"{plan.busy_clients} clients, upstream instant")
+                        and r.scenario.endswith("through genapi")), None)  # fmt: skip
+        versus, target = "", ""
+        if without and without.cpu_ms_per_request:
+            change = numbers["cpu_ms_per_request"] / without.cpu_ms_per_request - 1
+            versus = f"CPU {change:+.1%} vs the same row without PostgreSQL ({without.cpu_ms_per_request:.2f} ms)"
+            target = verdict(change <= 0.10 and numbers["errors"] == 0)
+        rows.append(row(f"PostgreSQL: {plan.busy_clients} clients, upstream instant, {plan.instant_seconds:g} s: keys "
+                        "from the database, ledger on", numbers, versus, target))  # fmt: skip
+        with psycopg.connect(database, connect_timeout=2) as connection:
+            written = connection.execute("SELECT count(*) FROM usage").fetchone()[0]
+        rows.append(Row("PostgreSQL: ledger rows written while running", versus=f"{written} rows"))
+    finally:
+        if service:
+            service.terminate()
+        upstream.stop()
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+    return rows
+
+
 def load_bare_flask(clients: int, seconds: float, workdir: Path) -> dict:
     """wrk against bench/reference.py's one-line route, served with the Procfile service's worker class and count."""
     port = free_port()
@@ -364,7 +442,9 @@ def main() -> None:
     workdir = ROOT / "bench" / "results"
     workdir.mkdir(exist_ok=True)
     header = f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {machine()}"
-    rows = run(QUICK if args.quick else FULL, workdir)
+    plan = QUICK if args.quick else FULL
+    rows = run(plan, workdir)
+    rows += run_with_postgres(plan, workdir, rows)
     if args.quick:  # a smoke: the targets are for the full run's sizes and lengths
         for r in rows:
             r.target = ""

@@ -5,7 +5,7 @@ import functools
 from flask import current_app, g, request
 
 from genapi.errors import ApiError
-from genapi.keys import Client
+from genapi.keys import Client, KeyRefused, KeyStoreUnavailable
 
 
 def missing_key_message(where: str) -> str:
@@ -25,7 +25,17 @@ def authenticate(bearer: bool = False) -> Client:
     if not presented and bearer:
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         presented = credentials.strip() if scheme.lower() == "bearer" else None
-    client = current_app.extensions["genapi"]["keys"].identify(presented) if presented else None
+    try:
+        client = current_app.extensions["genapi"]["keys"].identify(presented) if presented else None
+    except KeyRefused as refusal:
+        g.authentication_failed = True
+        if refusal.code == "key_revoked":
+            raise ApiError(403, "This key has been revoked; ask an admin for a new one.", code="key_revoked") from None
+        raise ApiError(403, "This key has expired; ask an admin for a new one.", code="key_expired") from None
+    except KeyStoreUnavailable:
+        message = "Keys cannot be checked right now: the database is unreachable. Retry in a few seconds."
+        raise ApiError(503, message, code="key_store_unavailable", headers={"Retry-After": "5"},
+                       error_type="service_unavailable") from None
     if client is None:
         # Counted against the caller's address by AUTH_FAILURE_LIMIT (genapi.limits), to slow down key guessing.
         g.authentication_failed = True

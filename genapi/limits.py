@@ -6,6 +6,7 @@ While Redis fails or refuses writes, each process counts in its own memory (gena
 Redis again every few seconds; nothing about it becomes a 500.
 """
 
+import functools
 import ipaddress
 import logging
 import time
@@ -98,7 +99,10 @@ def build_limiter(app: Flask, settings: Settings, redis_state: RedisState | None
 
 
 class KeyLimits:
-    """RATE_LIMIT, and ADMIN_RATE_LIMIT for admins, parsed once: the per-key limit of each request."""
+    """RATE_LIMIT, and ADMIN_RATE_LIMIT for admins, parsed once: the per-key limit of each request.
+
+    A database key's own rate_limit replaces them for that key.
+    """
 
     def __init__(self, settings: Settings):
         self.user = parse(settings.rate_limit)
@@ -106,7 +110,15 @@ class KeyLimits:
         self.admin = self.user if not admin else None if admin == "none" else parse(admin)
 
     def of(self, client: Client) -> RateLimitItem | None:
+        if client.rate_limit:
+            return parsed_limit(client.rate_limit)
         return self.admin if client.is_admin else self.user
+
+
+@functools.lru_cache(maxsize=1024)
+def parsed_limit(text: str) -> RateLimitItem:
+    """A key's own limit, parsed once per process (a key's text was checked when it was set)."""
+    return parse(text)
 
 
 def charge(cost: int) -> None:

@@ -48,7 +48,7 @@ class JsonFormatter(logging.Formatter):
 class StdoutHandler(logging.StreamHandler):
     """Writes to whatever sys.stdout (or sys.stderr) is when the line is written, so test capture sees it."""
 
-    to_stderr = False
+    to_stderr = False  # a command-line tool (`flask keys create`) keeps stdout for its result
 
     @property
     def stream(self):

@@ -55,6 +55,7 @@ STREAM_ENDINGS = Counter("genapi_stream_endings", "Streams that ended, by how: c
 STREAM_TOKENS = Counter("genapi_stream_tokens", "Tokens of streams, in and out, and whether they are estimated.",
                         ["direction", "estimated"])
 RATE_LIMITED = Counter("genapi_rate_limited", "Requests refused with 429 by a rate limit.")
+USAGE_DROPPED = Counter("genapi_usage_rows_dropped", "Usage rows dropped, the oldest, past USAGE_BUFFER_ROWS.")
 
 
 def count_request(route: str | None, method: str, status: int, seconds: float) -> None:
@@ -102,3 +103,8 @@ def exposition() -> tuple[bytes, str]:
         MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def count_usage_dropped() -> None:
+    """For the usage ledger to call on each row it drops while the database is away."""
+    USAGE_DROPPED.inc()

@@ -5,13 +5,16 @@ drift from what the service accepts and answers. Each route is one entry in ROUT
 (and, if it reads a body, its request model passed to build_openapi by the name its entry gives).
 """
 
+import re
 from dataclasses import dataclass
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from genapi.admin import AuditList, CreatedKey, KeyDetail, KeyList, KeyView
 from genapi.errors import ERROR_TYPES
 from genapi.schemas import BatchResponse, ErrorResponse, GenerateResponse, HealthResponse, ModelList, ReadyResponse
+from genapi.usage import OwnUsage, UsageReport
 
 SECURITY_SCHEME = "ApiKey"
 BEARER_SCHEME = "Bearer"  # /v1 takes the key as OpenAI's clients send it, too
@@ -49,9 +52,13 @@ ERROR_MEANINGS = {
     400: "The body is not valid JSON or not a JSON object (invalid_json), or the model server refused the request "
     "itself (upstream_rejected_request).",
     401: "No X-API-KEY header (missing_api_key).",
-    403: "The key is not accepted (invalid_api_key), or the route needs an admin key (admin_only).",
-    404: "No such route (not_found), or, on /v1, a model this key may not use (model_not_found).",
+    403: "The key is not accepted (invalid_api_key), has been revoked (key_revoked) or has expired (key_expired), "
+    "or the route needs an admin key (admin_only).",
+    404: "No such route (not_found); on /v1, a model this key may not use (model_not_found); or no key has this id "
+    "(key_not_found).",
     405: "The route does not take this method (method_not_allowed); the Allow header lists those it takes.",
+    409: "The key is set in API_KEYS or ADMIN_API_KEYS, so the API cannot change, rotate or revoke it "
+    "(key_from_environment).",
     413: "The body is larger than MAX_CONTENT_LENGTH (body_too_large).",
     415: "The body is not sent as application/json (unsupported_media_type).",
     422: "A field is missing, of the wrong type, out of range or unknown (validation_error), or the model is not "
@@ -65,17 +72,21 @@ ERROR_MEANINGS = {
     "credentials, or says genapi's account is out of quota (upstream_error, upstream_unavailable, "
     "upstream_bad_response, upstream_auth, upstream_quota_exceeded).",
     503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds. "
-    "On /readyz: Redis does not answer or refuses writes (redis_unavailable). In a stream's error event only: the "
-    "server is restarting and cut the stream short (server_shutting_down).",
+    "On /readyz: Redis does not answer or refuses writes (redis_unavailable). A database key cannot be checked "
+    "because the database is unreachable (key_store_unavailable); retry after Retry-After seconds. In a stream's "
+    "error event only: the server is restarting and cut the stream short (server_shutting_down).",
     504: "The model server did not answer in time (upstream_timeout).",
 }
 RETRY_AFTER_STATUSES = (429, 503)
 
 # The errors any route can give, and those of a route that reads a JSON body and calls the model.
 ALWAYS = (500,)
-KEYED = (401, 403, 429)
+KEYED = (401, 403, 429, 503)
 JSON_BODY = (400, 413, 415, 422)
 MODEL_CALL = (502, 503, 504)
+
+
+ADMIN = ALWAYS + KEYED
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,39 @@ class Route:
     description: str = ""
     events: dict | None = None  # the schema of one event of the route's text/event-stream answer, if it streams
     bearer: bool = False  # the key may come as Authorization: Bearer, too
+    status: int = 200
+    parameters: tuple[dict, ...] = ()  # path and query parameters
+    body_required: bool = True
+    csv: bool = False  # also answers text/csv, to Accept: text/csv
+
+
+KEY_ID = {
+    "name": "key_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 100},
+    "description": "The key's id: the <id> of gk_<id>_<secret>, or env-<name> for a key from API_KEYS.",
+}
+DATE_RANGE = (
+    {"name": "start", "in": "query", "required": False, "schema": {"type": "string", "format": "date"},
+     "description": "First UTC day, YYYY-MM-DD; default 29 days before end."},
+    {"name": "end", "in": "query", "required": False, "schema": {"type": "string", "format": "date"},
+     "description": "Last UTC day, YYYY-MM-DD, included; default today, or 29 days after start. A start after "
+     "the end is an empty range."},
+)
+GROUP_BY = {
+    "name": "group_by", "in": "query", "required": False,
+    "schema": {"type": "string", "pattern": "^(key|model|day)(,(key|model|day))*$", "default": "key,model,day"},
+    "description": "What to group by: key, model and/or day, comma-separated.",
+}
+USAGE_KEY = {
+    "name": "key_id", "in": "query", "required": False, "schema": {"type": "string"},
+    "description": "Only this key's usage (env-<name> for a key of API_KEYS).",
+}
+AUDIT_QUERY = (
+    {"name": "key_id", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "Only this key's entries."},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^([1-9][0-9]{0,2}|1000)$", "default": "100"},
+     "description": "Most entries to return, newest first: 1 to 1000."},
+)
 
 
 ROUTES = [
@@ -127,6 +171,49 @@ ROUTES = [
     Route(
         "/metrics", "get", "Prometheus metrics, summed over every worker", "text/plain",
         errors=ALWAYS + KEYED, auth="admin", description="For admin keys (ADMIN_API_KEYS) only.",
+    ),
+    Route(
+        "/admin/keys", "post", "Create a key", CreatedKey, errors=ADMIN + JSON_BODY, body="KeyCreate",
+        auth="admin", status=201,
+        description="The answer holds the whole key under `key`, this once: only its secret's digest is stored.",
+    ),
+    Route(
+        "/admin/keys", "get", "List every key", KeyList, errors=ADMIN, auth="admin",
+        description="Database keys and those of API_KEYS and ADMIN_API_KEYS (source: environment); never a secret.",
+    ),
+    Route(
+        "/admin/keys/{key_id}", "get", "Read one key, with its usage of the last seven days", KeyDetail,
+        errors=ADMIN + (404,), auth="admin", parameters=(KEY_ID,),
+    ),
+    Route(
+        "/admin/keys/{key_id}", "patch", "Change a key's name or limits", KeyView,
+        errors=ADMIN + JSON_BODY + (404, 409), body="KeyUpdate", auth="admin", parameters=(KEY_ID,),
+        description="Only the fields given change; null clears rate_limit, allowed_models or expires_at.",
+    ),
+    Route(
+        "/admin/keys/{key_id}", "delete", "Revoke a key", KeyView, errors=ADMIN + (404, 409), auth="admin",
+        parameters=(KEY_ID,),
+        description="Every worker of every instance refuses it within KEY_CACHE_SECONDS (key_revoked).",
+    ),
+    Route(
+        "/admin/keys/{key_id}/rotate", "post", "Give a key a new secret", CreatedKey,
+        errors=ADMIN + JSON_BODY + (404, 409), body="KeyRotate", body_required=False, auth="admin",
+        parameters=(KEY_ID,),
+        description="The new key is in the answer, once. The old secret stops at once, or after grace_seconds.",
+    ),
+    Route(
+        "/v1/usage", "get", "The calling key's own usage by day and model", OwnUsage, errors=ALWAYS + KEYED + (422,),
+        auth="key", parameters=DATE_RANGE,
+        description="Requests and tokens of the rows written so far (within USAGE_FLUSH_SECONDS of each request).",
+    ),
+    Route(
+        "/admin/usage", "get", "Every key's usage, grouped by key, model and/or day", UsageReport,
+        errors=ADMIN + (422,), auth="admin", parameters=(*DATE_RANGE, GROUP_BY, USAGE_KEY), csv=True,
+        description="JSON, or CSV with Accept: text/csv (one header line, then one line per group).",
+    ),
+    Route(
+        "/admin/audit", "get", "Read the audit log of admin actions", AuditList, errors=ADMIN + (422,), auth="admin",
+        parameters=AUDIT_QUERY, description="Newest first. Who, when, what, and the key before and after; never a secret.",
     ),
 ]
 
@@ -209,15 +296,17 @@ def operation(route: Route) -> dict:
         content = {route.answer: {"schema": schema}}
     else:
         content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.answer.__name__}"}}}
+        if route.csv:
+            content["text/csv"] = {"schema": {"type": "string"}}
     if route.events:
         # Before OpenAPI 3.2's itemSchema, the schema of an event stream describes each of its events.
         content["text/event-stream"] = {"schema": route.events}
     security = [{SECURITY_SCHEME: []}] + ([{BEARER_SCHEME: []}] if route.bearer else []) if route.auth else []
     spec = {
         "summary": route.summary,
-        "operationId": route.method + route.path.replace("/", "_").replace(".", "_"),
-        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
-        "responses": {"200": {"description": "Success.", "headers": request_id, "content": content}}
+        "operationId": route.method + re.sub(r"[/.{}]", "_", route.path),
+        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}, *route.parameters],
+        "responses": {str(route.status): {"description": "Success.", "headers": request_id, "content": content}}
         | {str(status): {"$ref": f"#/components/responses/{status}"} for status in sorted(route.errors)},
         "security": security,
     }
@@ -225,7 +314,7 @@ def operation(route: Route) -> dict:
         spec["description"] = route.description
     if route.body:
         spec["requestBody"] = {
-            "required": True,
+            "required": route.body_required,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.body}"}}},
         }
     return spec

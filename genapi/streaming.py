@@ -204,13 +204,14 @@ class StreamRelay:
     """One stream, from the upstream call to the log line: the WSGI response iterable, closed by the WSGI server."""
 
     def __init__(self, open_upstream, shape, limits: StreamLimits, record: dict, prompt_chars: int, model: str,
-                 on_complete=None):
+                 on_complete=None, record_usage=None):
         self._open_upstream = open_upstream  # called in the reader thread; returns an HttpStream-like object
         self._shape = shape
         self._limits = limits
         self._record = record  # the request's log fields, captured by the view
         self._prompt_chars = prompt_chars
         self._on_complete = on_complete  # called with the stored answer of a stream that completed (the cache)
+        self._record_usage = record_usage  # the usage ledger's row, written once the stream has ended (genapi.usage)
         self._queue: queue.Queue = queue.Queue()
         self._upstream = None
         self._aborted = False
@@ -469,6 +470,12 @@ class StreamRelay:
             usage_stored = {key: usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
             self._on_complete({"response": text, "model": self._model, "finish_reason": self._finish_reason,
                                "usage": usage_stored})
+        if self._record_usage is not None:
+            self._record_usage(
+                model=self._model, prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                estimated=estimated, status=200, error_code=self._error.code if self._error is not None else None,
+                duration_ms=seconds * 1000,
+            )
         upstream = self._upstream
         fields = record | {
             "status": 200,

@@ -22,6 +22,7 @@ from genapi.providers import Completion, message_text
 from genapi.schemas import parse_body, read_body
 from genapi.streaming import ChatChunks, StreamLimits, StreamRelay, stream_response
 from genapi.upstream_values import model_name, token_count, upstream_id
+from genapi.usage import stream_usage_recorder
 
 blueprint = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -68,6 +69,7 @@ def chat_completions():
     client = authenticate(bearer=True)
     body = read_chat_request(client)
     charge(1)
+    g.usage_model = body["model"]  # from here on the request reaches the model or the cache: it has a usage row
     if body.get("stream"):
         return stream_chat(body)
     return complete_chat(client, body)
@@ -128,6 +130,7 @@ def stream_chat(body: dict) -> Response:
         stream_record(settings.log_prompts),
         prompt_chars=characters,
         model=body["model"],
+        record_usage=stream_usage_recorder(),
     )
     return stream_response(relay)
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 
@@ -13,10 +14,14 @@ import redis
 
 # app.py builds a module-level app at import for gunicorn; give that import a known environment, not the caller's.
 GENAPI_PREFIXES = ("OPENAI_", "LLM_", "API_KEYS", "ALLOWED_MODELS", "MAX_", "ADMIN_", "RATE_LIMIT", "AUTH_", "REDIS_")
-GENAPI_PREFIXES += ("CACHE_", "BATCH_", "TRUSTED_PROXIES", "CORS_")
+GENAPI_PREFIXES += ("CACHE_", "BATCH_", "TRUSTED_PROXIES", "CORS_", "DATABASE_URL", "KEY_CACHE_", "USAGE_", "DYNO")
 for variable in [v for v in os.environ if v.startswith(GENAPI_PREFIXES)]:
     del os.environ[variable]
 os.environ["API_KEYS"] = "import-time-key-not-used-by-tests"
+# Tests that do not look at the database share one SQLite file of this run's own, never the instance folder's;
+# those that do get a database of their own (the `database_url` fixture).
+SHARED_TEST_DATABASE_URL = f"sqlite:///{tempfile.mkdtemp(prefix='genapi-test-db-')}/shared.sqlite3"
+os.environ["DATABASE_URL"] = SHARED_TEST_DATABASE_URL
 
 from app import create_app  # noqa: E402
 from config import Settings  # noqa: E402
@@ -24,6 +29,7 @@ from tests.fake_openai import FakeOpenAI, completion_body  # noqa: E402
 from tests.procfile import ProcfileService, free_port  # noqa: E402
 
 del os.environ["API_KEYS"]
+del os.environ["DATABASE_URL"]
 
 USER_KEY = "test-user-key-0123456789"
 ADMIN_KEY = "test-admin-key-9876543210"
@@ -42,6 +48,7 @@ def make_settings(**overrides) -> Settings:
         "openai_model": "test-model",
         "openai_max_retries": 0,
         "openai_timeout": 5,
+        "database_url": SHARED_TEST_DATABASE_URL,
     }
     return Settings(_env_file=None, **(values | overrides))
 
@@ -90,12 +97,17 @@ def upstream() -> MockUpstream:
 def make_app(upstream):
     """Build an app whose upstream is the mocked transport; keyword arguments override settings."""
 
+    apps = []
+
     def build(**overrides):
         app = create_app(make_settings(**overrides), http_client=upstream.http_client())
         app.config["TESTING"] = True
+        apps.append(app)
         return app
 
-    return build
+    yield build
+    for app in apps:  # write each app's usage rows, and stop its writer, before its database goes away
+        app.extensions["genapi"]["ledger"].close()
 
 
 @pytest.fixture
@@ -225,6 +237,7 @@ def start_procfile_service(tmp_path):
             "OPENAI_API_KEY": UPSTREAM_KEY,
             "OPENAI_BASE_URL": base_url,
             "OPENAI_MODEL": "fake-model",
+            "DATABASE_URL": f"sqlite:///{tmp_path}/web-{len(services)}.sqlite3",
         }
         service = ProcfileService(environment | env, tmp_path / f"web-{len(services)}.log")
         services.append(service)
@@ -234,3 +247,124 @@ def start_procfile_service(tmp_path):
     yield start
     for service in services:
         service.terminate()
+
+
+# PostgreSQL: the machine's (or .ci/run's) at 127.0.0.1:5432, trust auth. Shared with other test runs, so each test
+# creates a database of its own, genapi_test_<random>, and drops only that one.
+SHARED_POSTGRES_URL = os.environ.get("GENAPI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_missing(reason: str) -> None:
+    if os.environ.get("GENAPI_REQUIRE_POSTGRES") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def admin_connection(server_url: str):
+    import psycopg
+
+    return psycopg.connect(server_url, autocommit=True, connect_timeout=2)
+
+
+@pytest.fixture(scope="session")
+def shared_postgres_url() -> str:
+    """The shared test PostgreSQL; its tests skip when it is not running, and fail under GENAPI_REQUIRE_POSTGRES=1."""
+    import psycopg
+
+    try:
+        admin_connection(SHARED_POSTGRES_URL).close()
+    except psycopg.Error as error:
+        postgres_missing(f"PostgreSQL is not reachable at {SHARED_POSTGRES_URL} ({type(error).__name__}); start it (see .ci/run)")
+    return SHARED_POSTGRES_URL
+
+
+class PostgresDatabase:
+    """A database of this test's own on a PostgreSQL server, dropped (only it) when the test ends."""
+
+    def __init__(self, server_url: str):
+        self.server_url = server_url
+        self.name = f"genapi_test_{uuid.uuid4().hex[:16]}"
+        with admin_connection(server_url) as connection:
+            connection.execute(f'CREATE DATABASE "{self.name}"')
+        self.url = server_url.rsplit("/", 1)[0] + f"/{self.name}"
+
+    def drop(self) -> None:
+        with admin_connection(self.server_url) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_database(shared_postgres_url):
+    database = PostgresDatabase(shared_postgres_url)
+    yield database
+    database.drop()
+
+
+@pytest.fixture
+def migrated_postgres_url(postgres_database) -> str:
+    """A fresh PostgreSQL database with genapi's schema, as the release phase leaves it."""
+    from genapi.database import database_url, upgrade
+
+    upgrade(database_url(make_settings(database_url=postgres_database.url)))
+    return postgres_database.url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> str:
+    """A database of this test's own with genapi's schema: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/genapi.sqlite3"
+    return request.getfixturevalue("migrated_postgres_url")
+
+
+@pytest.fixture
+def db_app(database_url, make_app):
+    """An app on this test's own database; keyword arguments override settings."""
+
+    def build(**overrides):
+        return make_app(**({"database_url": database_url} | overrides))
+
+    return build
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of this test's own (initdb in a temporary folder, on a free port), which it may stop.
+
+    initdb refuses to run as root, so as root the cluster belongs to the `postgres` user.
+    """
+
+    def __init__(self, tmp_path):
+        self.port = free_port()
+        self.folder = tempfile.mkdtemp(prefix="genapi-pg-")
+        self.data = os.path.join(self.folder, "data")
+        self.as_owner = []
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        self.start()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *command) -> None:
+        subprocess.run(self.as_owner + list(command), check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off"
+        self._run("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.folder, "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run(self.as_owner + ["pg_ctl", "-D", self.data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres(tmp_path):
+    """A PostgreSQL that this test can take away mid-run; the shared one is never stopped."""
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        postgres_missing("initdb and pg_ctl are not installed (apt-get install postgresql)")
+    server = PrivatePostgres(tmp_path)
+    yield server
+    server.remove()

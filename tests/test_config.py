@@ -206,8 +206,9 @@ def test_in_flight_requests_per_worker_follow_the_worker_class(clean_env, server
 @pytest.mark.parametrize(
     "variable, url, password",
     [("REDIS_URL", "redis://:secret-pw@localhost:notaport/0", "secret-pw"),
-     ("OPENAI_BASE_URL", "https://user:url-secret@proxy.example/v1", "url-secret")],
-    ids=["redis port that is not a number", "base url that holds a password"],
+     ("OPENAI_BASE_URL", "https://user:url-secret@proxy.example/v1", "url-secret"),
+     ("DATABASE_URL", "mysql://user:db-secret@db.example/genapi", "db-secret")],
+    ids=["redis port that is not a number", "base url that holds a password", "database of another kind"],
 )
 def test_a_wrong_url_stops_start_up_naming_it_without_showing_its_password(
     clean_env, monkeypatch, capsys, variable, url, password

@@ -30,7 +30,7 @@ def test_openapi_document_is_valid_openapi_3_1_and_needs_no_key(client):
 def test_openapi_covers_every_route_and_method_of_the_app_but_the_docs_page(app, client):
     # The docs page (/, /docs/ and its files) is for people, not the API, so neither the document nor the fuzzer has it.
     served = {
-        (rule.rule, method.lower())
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
         for method in rule.methods - {"HEAD", "OPTIONS"}
         if rule.rule not in PAGE_ROUTES
