@@ -8,7 +8,7 @@ import urllib.request
 
 from tests.procfile import ROOT, ProcfileService
 
-PROJECT_FILES = ["app.py", "config.py", "gunicorn.conf.py", "Procfile", "genapi"]
+PROJECT_FILES = ["app.py", "config.py", "gunicorn.conf.py", "Procfile", "genapi", "migrations", "alembic.ini"]
 
 
 def dotenv_keys(directory) -> dict:
