@@ -44,7 +44,7 @@ def test_honcho_serves_the_procfile_on_the_port_it_gives_with_env_example_as_dot
     log = tmp_path / "honcho.log"
     with open(log, "wb") as output:
         honcho = subprocess.Popen(
-            [str(venv_bin / "honcho"), "start", "--env", str(dotenv), "--procfile", str(ROOT / "Procfile")],
+            [str(venv_bin / "honcho"), "start", "--env", str(dotenv), "--procfile", str(ROOT / "Procfile"), "web"],
             cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
