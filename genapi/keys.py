@@ -4,6 +4,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+from genapi.budget_periods import Budget
+
 HASH_PREFIX = "sha256:"
 
 
@@ -13,6 +15,7 @@ class Client:
 
     name: str
     is_admin: bool = False
+    budget: Budget | None = None  # the key's own token budget; None: TOKEN_BUDGET (ADMIN_TOKEN_BUDGET for admins)
 
 
 @dataclass(frozen=True)

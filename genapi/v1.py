@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from config import Settings
 from genapi import metrics
 from genapi.auth import authenticate
+from genapi.budgets import prompt_tokens_estimate, release, reserve, settle
 from genapi.errors import ApiError
 from genapi.limits import charge
 from genapi.logs import stream_record
@@ -72,6 +73,15 @@ def chat_completions():
     return complete_chat(client, body)
 
 
+def most_tokens(body: dict) -> int:
+    """The most a chat request can cost, what its token budget reserves: the messages' estimate plus its token cap."""
+    messages = body["messages"]
+    characters = sum(len(message_text(message.get("content"))) for message in messages)
+    # With both caps sent, which one a model server honours is its own choice: reserve for the larger.
+    cap = max(body.get("max_completion_tokens") or 0, body.get("max_tokens") or 0) or state("settings").max_tokens_limit
+    return prompt_tokens_estimate(characters, messages=len(messages)) + cap
+
+
 def complete_chat(client, body: dict) -> Response:
     """The model server's answer as it sent it; cached (with CACHE_TTL) by the whole body and the client."""
     cache = state("cache")
@@ -84,11 +94,16 @@ def complete_chat(client, body: dict) -> Response:
         g.cached = True
         response = jsonify(stored)
     else:
+        reservation = reserve(most_tokens(body))
         started = time.perf_counter()
         try:
             raw, answer = state("provider").chat(body)
         except ApiError as error:
+            release(reservation)
             metrics.count_upstream_error(error.code)
+            raise
+        except BaseException:
+            release(reservation)
             raise
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         g.completion = Completion(
@@ -100,6 +115,7 @@ def complete_chat(client, body: dict) -> Response:
             upstream_ms=(time.perf_counter() - started) * 1000,
         )
         metrics.count_completion(g.completion.prompt_tokens, g.completion.completion_tokens, g.completion.upstream_ms)
+        settle(reservation, g.completion.prompt_tokens + g.completion.completion_tokens)
         if cache:
             cache.put(key, answer)
         response = Response(raw, mimetype="application/json")
@@ -121,6 +137,7 @@ def stream_chat(body: dict) -> Response:
         stream_record(settings.log_prompts),
         prompt_chars=characters,
         model=body["model"],
+        reservation=reserve(most_tokens(body)),
     )
     return stream_response(relay)
 
