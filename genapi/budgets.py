@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import redis
 from flask import Flask, current_app, g
 
+from config import UPSTREAM_BUDGET_SECONDS
 from genapi import metrics
 from genapi.budget_periods import Budget, period_bounds
 from genapi.errors import ApiError
@@ -28,7 +29,7 @@ from genapi.redis_state import REDIS_RECHECK_SECONDS, RedisState
 log = logging.getLogger("genapi")
 
 ENFORCE, SHADOW = "enforce", "shadow"
-CLOSED, OPEN = "closed", "open"
+OPEN = "open"  # TOKEN_BUDGET_ON_REDIS_ERROR: count in each process while Redis fails (else: refuse)
 
 # OpenAI's rule of thumb for English text; each chat message adds a few tokens of framing (role, separators).
 CHARACTERS_PER_TOKEN = 4
@@ -218,7 +219,7 @@ class Budgets:
         self.key_prefix = f"{redis_state.key_prefix}budget:" if redis_state else "budget:"
         self.memory = MemoryBudgetStore()
         # The longest a request can hold a reservation: a stream's whole bound, or one call's upstream budget.
-        self.reservation_seconds = max(settings.stream_max_seconds, 25) + RESERVATION_MARGIN_SECONDS
+        self.reservation_seconds = max(settings.stream_max_seconds, UPSTREAM_BUDGET_SECONDS) + RESERVATION_MARGIN_SECONDS
 
     @property
     def configured(self) -> bool:
@@ -226,9 +227,8 @@ class Budgets:
 
     def of(self, client) -> Budget | None:
         """The client's budget: its own (a key's `budget`, when it has one), else the admins' or everyone's."""
-        own = getattr(client, "budget", None)
-        if own is not None:
-            return own
+        if client.budget is not None:
+            return client.budget
         return self.admin if client.is_admin else self.user
 
     def key(self, name: str, budget: Budget, period: str) -> str:
