@@ -11,7 +11,7 @@ from genapi.budget_periods import period_bounds
 from genapi.budgets import RedisBudgetStore
 from genapi.keys import Client
 from genapi.redis_state import RedisState
-from tests.conftest import USER_KEY, make_settings
+from tests.conftest import ADMIN_KEY, USER_KEY, make_settings
 from tests.fake_openai import HOLD
 from tests.test_budgets import PROMPT, REAL_USAGE, RESERVED, call_generate, counts
 from tests.test_redis import refuse_writes_as_a_replica, refuse_writes_by_maxmemory
@@ -114,3 +114,17 @@ def test_redis_refusing_writes_under_load_never_overruns_nor_answers_500(
 def counts_in(private_redis, app) -> tuple[int, int]:
     spent, held = private_redis.client().hmget(budget_key(app), "spent", "held")
     return int(spent or 0), int(held or 0)
+
+
+def test_reserve_and_settle_are_one_script_call_each(budget_app, private_redis):
+    client = budget_app(redis_url=private_redis.url, admin_token_budget="none").test_client()
+    call_generate(client)  # loads the scripts into Redis
+
+    def script_calls(key) -> int:
+        """EVALSHA calls in Redis during one request; the rate limit's moving window makes some of its own."""
+        before = private_redis.client().info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        assert call_generate(client, key=key).status_code == 200
+        return private_redis.client().info("commandstats")["cmdstat_evalsha"]["calls"] - before
+
+    without_budget = script_calls(ADMIN_KEY)
+    assert script_calls(USER_KEY) == without_budget + 2
