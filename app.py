@@ -21,7 +21,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from config import UPSTREAM_BUDGET_SECONDS, Settings, load_settings, split_list
 from genapi import metrics, v1
 from genapi.auth import authenticate, require_admin
-from genapi.budgets import bind_budgets, prompt_tokens_estimate, release, reserve, settle
+from genapi.budgets import bind_budgets, prompt_tokens_estimate, release, reserve, settle, show_budget
 from genapi.cache import build_cache, cache_key
 from genapi.commands import create_key
 from genapi.cors import bind_cors
@@ -204,6 +204,8 @@ def answer(client: Client, generation: Generation, answer_id: str, fresh: bool, 
         metrics.count_cache_lookup(cached)
     if cached:
         g.cached = True
+        if budgeted:
+            show_budget()
     else:
         completion = budgeted_completion(generation, deadline) if budgeted else complete(generation, deadline)
         stored = {
@@ -251,6 +253,7 @@ def stream_answer(client: Client, generation: Generation, fresh: bool) -> Respon
     reservation = None
     if stored is not None:
         g.cached = True
+        show_budget()
         open_upstream = functools.partial(CachedStream, stored)
     else:
         body = chat_body(generation) | {"stream": True, "stream_options": {"include_usage": True}}

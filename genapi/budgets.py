@@ -278,6 +278,19 @@ class Budgets:
         g.budget_state = BudgetState(budget, left, reset_at)
         return Reservation(self, store, budget, key, member, amount, reset_at)
 
+    def state(self, client) -> BudgetState | None:
+        """The client's budget as it stands, for an answer that reserved nothing (a cache hit); None without one."""
+        budget = self.of(client)
+        if budget is None:
+            return None
+        period, reset_at = period_bounds(budget.period, time.time())
+        key = self.key(client.name, budget, period)
+        try:
+            spent, held = self.store().counts(key)
+        except (ApiError, redis.RedisError):  # Redis failing: a cache hit costs nothing, so it goes without them
+            return None
+        return BudgetState(budget, max(0, budget.tokens - spent - held), reset_at)
+
     def settle(self, reservation: Reservation, used_tokens: int) -> BudgetState | None:
         """Charge the real usage; a failure is logged, and the reservation stays held (charged in full)."""
         try:
@@ -323,6 +336,13 @@ def reserve(amount: int) -> Reservation | None:
     return budgets().reserve(g.client, amount)
 
 
+def show_budget() -> None:
+    """For an answer that costs nothing (a cache hit): the X-Budget-* headers still say where the budget stands."""
+    state = budgets().state(g.client)
+    if state is not None:
+        g.budget_state = state
+
+
 def settle(reservation: Reservation | None, used_tokens: int) -> None:
     """Settle in the request: the answer's headers then show what is left after the real usage."""
     state = reservation.settle(used_tokens) if reservation is not None else None
@@ -335,7 +355,7 @@ def release(reservation: Reservation | None) -> None:
 
 
 def send_budget_headers(response):
-    """X-Budget-Limit, X-Budget-Remaining and X-Budget-Reset, on every answer that reserved or was refused."""
+    """X-Budget-Limit, X-Budget-Remaining and X-Budget-Reset, on every answer of a key with a budget."""
     state = g.get("budget_state")
     if state is not None:
         response.headers["X-Budget-Limit"] = str(state.budget.tokens)

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from config import Settings
 from genapi import metrics
 from genapi.auth import authenticate
-from genapi.budgets import prompt_tokens_estimate, release, reserve, settle
+from genapi.budgets import prompt_tokens_estimate, release, reserve, settle, show_budget
 from genapi.errors import ApiError
 from genapi.limits import charge
 from genapi.logs import stream_record
@@ -92,6 +92,7 @@ def complete_chat(client, body: dict) -> Response:
         metrics.count_cache_lookup(stored is not None)
     if stored is not None:
         g.cached = True
+        show_budget()
         response = jsonify(stored)
     else:
         reservation = reserve(most_tokens(body))

@@ -205,6 +205,20 @@ def test_cache_hits_cost_nothing_against_the_budget(budget_app, fake_openai):
     hit = call_generate(client)  # the budget could not cover a second call to the model
     assert (hit.status_code, hit.headers["X-Cache"], fake_openai.calls) == (200, "HIT", 1)
     assert counts(app) == (REAL_USAGE, 0)
+    assert hit.headers["X-Budget-Remaining"] == str(RESERVED)  # where the budget stands: a hit costs nothing
+
+
+@pytest.mark.parametrize("path", ["generate-stream", "v1"])
+def test_a_cache_hit_on_any_path_costs_nothing_and_says_where_the_budget_stands(budget_app, fake_openai, path):
+    app = budget_app(cache_ttl=60)
+    client = app.test_client()
+    PATHS[path](client).get_data()
+    hit = PATHS[path](client)
+    hit.get_data()
+    hit.close()
+    assert (hit.headers["X-Cache"], fake_openai.calls) == ("HIT", 1)
+    assert hit.headers["X-Budget-Remaining"] == str(1000 - REAL_USAGE)
+    assert counts(app) == (REAL_USAGE, 0)
 
 
 def test_cache_hits_still_count_against_the_rate_limit(budget_app):
