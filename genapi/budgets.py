@@ -214,7 +214,8 @@ class Budgets:
         admin = settings.admin_token_budget
         self.admin = self.user if not admin else None if admin == "none" else Budget.parse(admin)
         self.mode = settings.token_budget_mode
-        self.on_redis_error = settings.token_budget_on_redis_error
+        # Shadow mode refuses nothing, not even while Redis fails: it counts in each process instead.
+        self.fails_open = settings.token_budget_on_redis_error == OPEN or self.mode == SHADOW
         self.redis = RedisBudgetStore(redis_state) if redis_state else None
         self.key_prefix = f"{redis_state.key_prefix}budget:" if redis_state else "budget:"
         self.memory = MemoryBudgetStore()
@@ -241,7 +242,7 @@ class Budgets:
             return self.memory
         if self.redis.usable():
             return self.redis
-        if self.on_redis_error == OPEN:
+        if self.fails_open:
             return self.memory
         raise unavailable()
 
@@ -261,7 +262,7 @@ class Budgets:
         try:
             outcome, spent, held = store.reserve(key, member, amount, budget.tokens, lapses_at, ttl, force)
         except BudgetStoreUnavailable:
-            if self.on_redis_error != OPEN:
+            if not self.fails_open:
                 raise unavailable() from None
             store = self.memory
             outcome, spent, held = store.reserve(key, member, amount, budget.tokens, lapses_at, ttl, force)
@@ -306,7 +307,7 @@ class Budgets:
         """What budgets do while Redis fails, for /readyz's message."""
         if not self.configured:
             return ""
-        if self.on_redis_error == OPEN:
+        if self.fails_open:
             return "; token budgets are counted in each process until it is back"
         return "; requests that call the model are refused (budget_unavailable) until it is back"
 

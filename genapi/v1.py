@@ -131,6 +131,7 @@ def stream_chat(body: dict) -> Response:
     include_usage = (body.get("stream_options") or {}).get("include_usage") is True
     body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True}
     characters = sum(len(message_text(message.get("content"))) for message in body["messages"])
+    reservation = reserve(most_tokens(body))
     relay = StreamRelay(
         functools.partial(state("provider").open_stream, body),
         ChatChunks(include_usage),
@@ -138,7 +139,7 @@ def stream_chat(body: dict) -> Response:
         stream_record(settings.log_prompts),
         prompt_chars=characters,
         model=body["model"],
-        reservation=reserve(most_tokens(body)),
+        reservation=reservation,
     )
     return stream_response(relay)
 

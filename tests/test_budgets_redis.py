@@ -69,6 +69,12 @@ def test_redis_down_with_budgets_open_counts_in_this_process(budget_app, private
     assert "counted in each process" in client.get("/readyz").get_json()["error"]["message"]
 
 
+def test_shadow_mode_refuses_nothing_while_redis_is_down(budget_app, private_redis):
+    client = budget_app(redis_url=private_redis.url, token_budget="1/day", token_budget_mode="shadow").test_client()
+    private_redis.stop()
+    assert call_generate(client).status_code == 200
+
+
 def budget_key(app) -> str:
     """The Redis key (and the in-process one) of alice's budget this period."""
     budgets = app.extensions["genapi"]["budgets"]
