@@ -9,6 +9,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx2
+import pytest
 import redis
 
 from genapi.budget_periods import period_bounds
@@ -40,6 +41,7 @@ def start_two_instances(start_instances, redis_settings, **env):
     return start_instances(2, token_budget=f"{BUDGET}/day", rate_limit="100000/minute", **redis_settings, **env)
 
 
+@pytest.mark.timeout(300)  # two instances to start on a busy machine, then several rounds
 def test_a_burst_never_overruns_the_budget_and_refuses_only_what_it_cannot_cover(
     start_instances, fake_openai, redis_settings
 ):
@@ -54,7 +56,8 @@ def test_a_burst_never_overruns_the_budget_and_refuses_only_what_it_cannot_cover
             # Every request the budget cannot cover while the others hold their reservations is answered...
             pending = set(futures)
             while len(pending) > coverable:
-                _, pending = wait(pending, timeout=120, return_when=FIRST_COMPLETED)
+                done, pending = wait(pending, timeout=120, return_when=FIRST_COMPLETED)
+                assert done, f"{len(pending)} requests still unanswered, of which only {coverable} may be admitted"
             # ...and every other one is at the upstream, held there.
             assert fake_openai.wait_for_in_flight(coverable)
             assert fake_openai.in_flight == coverable
@@ -79,6 +82,7 @@ def test_a_burst_never_overruns_the_budget_and_refuses_only_what_it_cannot_cover
     assert BUDGET - spent < RESERVATION  # once settled, the budget covered every request it could
 
 
+@pytest.mark.timeout(300)
 def test_a_burst_of_streams_some_cut_by_the_client_charges_each_its_own_usage_once(
     start_instances, fake_openai, redis_settings
 ):
