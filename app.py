@@ -29,6 +29,7 @@ from config import UPSTREAM_BUDGET_SECONDS, Settings, load_settings, split_list
 from genapi import metrics, v1
 from genapi.admin import ADMIN_REQUEST_MODELS, admin
 from genapi.auth import authenticate, require_admin
+from genapi.budgets import bind_budgets, prompt_tokens_estimate, release, reserve, settle, show_budget
 from genapi.cache import build_cache, cache_key
 from genapi.commands import create_key, database_commands, key_commands
 from genapi.cors import bind_cors
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     app.before_request(start_request)
     app.after_request(finish_request)
     limiter = build_limiter(app, settings, redis_state)
+    bind_budgets(app, settings, redis_state)
     bind_cors(app, settings.cors_origins)
     app.add_url_rule("/generate", view_func=generate, methods=["POST"])
     app.add_url_rule("/generate/batch", view_func=generate_batch, methods=["POST"])
@@ -195,10 +197,30 @@ def complete(generation: Generation, deadline: float | None = None) -> Completio
     return completion
 
 
-def answer(client: Client, generation: Generation, answer_id: str, fresh: bool, deadline: float | None = None) -> dict:
-    """One prompt's success body: from the cache when it holds one, else from the provider, then cached.
+def most_tokens(generation: Generation) -> int:
+    """The most one generation can cost, what its token budget reserves: the prompt's estimate plus max_tokens."""
+    characters = len(generation.prompt) + len(generation.system or "")
+    return prompt_tokens_estimate(characters, messages=2 if generation.system else 1) + generation.max_tokens
 
-    `deadline` (time.monotonic()) is when the whole request must be over: a batch's prompts share it.
+
+def budgeted_completion(generation: Generation, deadline: float | None = None) -> Completion:
+    """complete() inside the key's token budget: reserved before the call, settled to its usage, released on failure."""
+    reservation = reserve(most_tokens(generation))
+    try:
+        completion = complete(generation, deadline)
+    except BaseException:
+        release(reservation)
+        raise
+    settle(reservation, completion.prompt_tokens + completion.completion_tokens)
+    return completion
+
+
+def answer(client: Client, generation: Generation, answer_id: str, fresh: bool, deadline: float | None = None,
+           budgeted: bool = True) -> dict:
+    """One prompt's success body: from the cache when it holds one (at no cost to the budget), else from the provider.
+
+    `deadline` (time.monotonic()) is when the whole request must be over: a batch's prompts share it, and their
+    budget, which the batch reserves for all of them (`budgeted=False` here).
     """
     # What was asked and answered, for the request's log line with LOG_PROMPTS=true; the output once there is one.
     g.exchange = {"prompt": generation.prompt, "system": generation.system, "output": None}
@@ -210,8 +232,10 @@ def answer(client: Client, generation: Generation, answer_id: str, fresh: bool, 
         metrics.count_cache_lookup(cached)
     if cached:
         g.cached = True
+        if budgeted:
+            show_budget()
     else:
-        completion = complete(generation, deadline)
+        completion = budgeted_completion(generation, deadline) if budgeted else complete(generation, deadline)
         stored = {
             "response": completion.text,
             "model": completion.model,
@@ -255,12 +279,15 @@ def stream_answer(client: Client, generation: Generation, fresh: bool) -> Respon
     stored = cache.get(key) if cache and not fresh else None
     if cache and not fresh:
         metrics.count_cache_lookup(stored is not None)
+    reservation = None
     if stored is not None:
         g.cached = True
+        show_budget()
         open_upstream = functools.partial(CachedStream, stored)
     else:
         body = chat_body(generation) | {"stream": True, "stream_options": {"include_usage": True}}
         open_upstream = functools.partial(state("provider").open_stream, body)
+        reservation = reserve(most_tokens(generation))
     relay = StreamRelay(
         open_upstream,
         GenerateEvents(g.request_id, cached=stored is not None),
@@ -270,6 +297,7 @@ def stream_answer(client: Client, generation: Generation, fresh: bool) -> Respon
         model=generation.model,
         on_complete=functools.partial(cache.put, key) if cache and stored is None else None,
         record_usage=stream_usage_recorder(),
+        reservation=reservation,
     )
     response = stream_response(relay)
     if cache:
@@ -293,16 +321,25 @@ def generate_batch():
         # Each prompt runs in a worker thread (a greenlet under gevent), outside the request, in its own app context.
         with app.app_context():
             try:
-                return answer(client, generation, f"{request_id}-{position}", fresh, deadline), g.get("completion")
+                result = answer(client, generation, f"{request_id}-{position}", fresh, deadline, budgeted=False)
+                return result, g.get("completion")
             except ApiError as error:
                 return error.body(), None
 
+    # The whole batch is reserved at once, all of it or a 429, like its rate limit; it settles once, at its end,
+    # to the usage of the prompts the model answered (cache hits and failures cost nothing).
+    reservation = reserve(sum(most_tokens(generation) for generation in generations))
     workers = min(state("settings").batch_concurrency, len(generations))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = list(pool.map(answer_or_error, range(len(generations)), generations))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            outcomes = list(pool.map(answer_or_error, range(len(generations)), generations))
+    except BaseException:
+        release(reservation)
+        raise
     results = [result for result, _ in outcomes]
     # The request's log line counts the whole batch: its tokens, its slowest upstream call, all cached or not.
     g.completion = combined([completion for _, completion in outcomes if completion])
+    settle(reservation, g.completion.prompt_tokens + g.completion.completion_tokens if g.completion else 0)
     g.cached = all(result.get("cached") for result in results)
     g.exchange = {"prompt": body.prompts, "system": body.system, "output": [result.get("response") for result in results]}
     return jsonify(results=results)
@@ -332,7 +369,8 @@ def readyz():
     redis_state = state("redis")
     problem = redis_state.problem() if redis_state else None
     if problem:
-        raise ApiError(503, f"Not ready: {problem}.", code="redis_unavailable", error_type="service_unavailable")
+        budgets = state("budgets").readiness()
+        raise ApiError(503, f"Not ready: {problem}{budgets}.", code="redis_unavailable", error_type="service_unavailable")
     return jsonify(ReadyResponse(status="ready").model_dump())
 
 

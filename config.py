@@ -20,6 +20,7 @@ from limits import parse_many  # noqa: E402
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator  # noqa: E402
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict  # noqa: E402
 
+from genapi.budget_periods import Budget  # noqa: E402
 from genapi.keys import parse_entry  # noqa: E402
 
 log = logging.getLogger("genapi")
@@ -77,6 +78,13 @@ class Settings(BaseSettings):
     auth_failure_limit: str = "10/minute"  # failed authentications per client address
     invalid_request_limit: str = "60/minute"  # requests refused for their body (400, 413, 415, 422) per address
     trusted_proxies: int = Field(default=0, ge=0, le=10)  # hops whose X-Forwarded-For is believed; Heroku: 1
+
+    # Token budgets: tokens per key per calendar period in UTC ("200000/day"; minute, hour, day, month); empty: none.
+    token_budget: str = ""
+    admin_token_budget: str = ""  # empty: admins have TOKEN_BUDGET too; "none": admins have no budget
+    token_budget_mode: Literal["enforce", "shadow"] = "enforce"  # shadow: log and count refusals, refuse nothing
+    # With REDIS_URL and Redis failing: refuse calls to the model (closed), or count in each process (open).
+    token_budget_on_redis_error: Literal["closed", "open"] = "closed"
 
     # Browser pages on these origins may call the API (CORS); empty: none, `*`: any.
     cors_origins: Annotated[list[str], NoDecode] = []
@@ -154,6 +162,16 @@ class Settings(BaseSettings):
         if value.lower() == "none":
             return "none"
         return cls._check_limit(value) if value else ""
+
+    @field_validator("token_budget", "admin_token_budget")
+    @classmethod
+    def _check_token_budget(cls, value: str, info) -> str:
+        value = value.strip()
+        if info.field_name == "admin_token_budget" and value.lower() == "none":
+            return "none"
+        if value:
+            Budget.parse(value)  # raises ValueError saying how to write one
+        return value
 
     @field_validator("redis_url", mode="before")
     @classmethod

@@ -294,6 +294,7 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
 
         rows.append(Row("reference: one SDK chat call, CPU in-process (before, after)", cpu_ms_per_request=speed * TARGET_MACHINE_SDK_CALL_CPU_MS,
                         versus=f"{sdk_ms[0]:.2f} and {sdk_ms[1]:.2f} ms: {speed:.2f}x the targets' machine's {TARGET_MACHINE_SDK_CALL_CPU_MS:g} ms"))  # fmt: skip
+        rows.append(budget_row(speed, 2000 if plan is QUICK else 20000))
         rows.append(row(f"reference: bare Flask route, same gunicorn, {plan.busy_clients} clients", bare,
                         f"{times(TARGET_MACHINE_BARE_FLASK_RPS / bare['rps']) if bare['rps'] else 'nothing answered, unlike'} "
                         f"the targets' machine's {TARGET_MACHINE_BARE_FLASK_RPS:,}/s"))  # fmt: skip
@@ -379,6 +380,49 @@ def run_with_postgres(plan: Plan, workdir: Path, baseline: list[Row]) -> list[Ro
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
     return rows
+
+
+def budget_cpu_ms(calls: int) -> tuple[float, str]:
+    """CPU time in this process of one token budget's reserve and settle (genapi.budgets), and where it counted.
+
+    In Redis (two Lua script round trips) when one answers at BENCH_REDIS_URL, else in the process's own store.
+    """
+    import redis
+    from flask import Flask
+
+    from genapi.budgets import Budgets
+    from genapi.keys import Client
+    from genapi.redis_state import RedisState
+    from config import Settings
+
+    url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    prefix = f"genapi-bench-{os.getpid()}:"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        redis_state = RedisState(url, prefix)
+    except redis.RedisError:
+        redis_state = None
+    budgets = Budgets(Settings(_env_file=None, llm_provider="mock", token_budget="1000000000/month"), redis_state)
+    client = Client("bench")
+    with Flask(__name__).app_context():
+        for _ in range(calls // 10):  # warm: the connection, the scripts loaded into Redis
+            budgets.reserve(client, 150).settle(121)
+        started = time.process_time()
+        for _ in range(calls):
+            budgets.reserve(client, 150).settle(121)
+        cpu_ms = (time.process_time() - started) * 1000 / calls
+    if redis_state:
+        keys = list(redis_state.client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            redis_state.client.delete(*keys)
+    return cpu_ms, "Redis" if redis_state else "this process"
+
+
+def budget_row(speed: float, calls: int) -> Row:
+    """What a token budget adds to a request's CPU, reserve and settle, beside the SDK call it is scaled by."""
+    cpu_ms, store = budget_cpu_ms(calls)
+    return Row(f"token budget: reserve + settle, CPU in-process, counted in {store}", cpu_ms_per_request=cpu_ms,
+               versus=f"{cpu_ms / speed:.3f} ms on the targets' machine", target=verdicts(cpu_ms, 0.3, speed))
 
 
 def load_bare_flask(clients: int, seconds: float, workdir: Path) -> dict:

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from cachetools import LRUCache
 from sqlalchemy.exc import SQLAlchemyError
 
+from genapi.budget_periods import Budget
+
 HASH_PREFIX = "sha256:"
 DATABASE_KEY_PREFIX = "gk_"
 DATABASE_KEY = re.compile(r"gk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
@@ -37,6 +39,7 @@ class Client:
     key_id: str | None = None  # a database key's public id; None for a key from API_KEYS or ADMIN_API_KEYS
     rate_limit: str | None = None  # the key's own limit, over RATE_LIMIT (and ADMIN_RATE_LIMIT)
     allowed_models: tuple[str, ...] | None = None  # the key's own list, over ALLOWED_MODELS
+    budget: Budget | None = None  # the key's own token budget; None: TOKEN_BUDGET (ADMIN_TOKEN_BUDGET for admins)
 
 
 @dataclass(frozen=True)

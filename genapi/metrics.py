@@ -56,6 +56,12 @@ STREAM_TOKENS = Counter("genapi_stream_tokens", "Tokens of streams, in and out, 
                         ["direction", "estimated"])
 RATE_LIMITED = Counter("genapi_rate_limited", "Requests refused with 429 by a rate limit.")
 USAGE_DROPPED = Counter("genapi_usage_rows_dropped", "Usage rows dropped, the oldest, past USAGE_BUFFER_ROWS.")
+# Token budgets: refusals (in shadow mode, those it would have made), 503s while Redis fails, tokens settled.
+BUDGET_EXCEEDED = Counter("genapi_budget_exceeded", "Requests over their token budget, by mode: enforce (refused "
+                          "with 429) or shadow (let through).", ["mode"])
+BUDGET_UNAVAILABLE = Counter("genapi_budget_unavailable", "Requests refused with 503 because Redis could not count "
+                             "their token budget.")
+BUDGET_TOKENS = Counter("genapi_budget_tokens", "Tokens charged to token budgets, as settled.")
 
 
 def count_request(route: str | None, method: str, status: int, seconds: float) -> None:
@@ -94,6 +100,18 @@ def count_cache_lookup(hit: bool) -> None:
 def count_rate_limited() -> None:
     """For the rate limiter to call on every 429 it gives."""
     RATE_LIMITED.inc()
+
+
+def count_budget_exceeded(mode: str) -> None:
+    BUDGET_EXCEEDED.labels(mode).inc()
+
+
+def count_budget_unavailable() -> None:
+    BUDGET_UNAVAILABLE.inc()
+
+
+def count_budget_tokens(tokens: int) -> None:
+    BUDGET_TOKENS.inc(tokens)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -66,12 +66,15 @@ ERROR_MEANINGS = {
     "(over_rate_limit); error.fields lists each failing field.",
     429: "A rate limit refused the request: the key's RATE_LIMIT (rate_limit_exceeded), this address's failed "
     "authentications (too_many_auth_failures) or its invalid requests (too_many_invalid_requests); retry after the "
-    "Retry-After header's seconds.",
+    "Retry-After header's seconds. Or the key's token budget cannot cover what the request may cost "
+    "(budget_exceeded): the message says how much is left, Retry-After is the seconds to the budget's reset, and "
+    "the X-Budget-* headers give its state.",
     500: "A bug in genapi (internal_error); it is logged.",
     502: "The model server failed, could not be reached, answered with something unusable, refused genapi's "
     "credentials, or says genapi's account is out of quota (upstream_error, upstream_unavailable, "
     "upstream_bad_response, upstream_auth, upstream_quota_exceeded).",
     503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds. "
+    "Redis is failing, so the key's token budget cannot be counted (budget_unavailable, type service_unavailable). "
     "On /readyz: Redis does not answer or refuses writes (redis_unavailable). A database key cannot be checked "
     "because the database is unreachable (key_store_unavailable); retry after Retry-After seconds. In a stream's "
     "error event only: the server is restarting and cut the stream short (server_shutting_down).",
@@ -250,6 +253,19 @@ def build_openapi(request_models: dict[str, type[BaseModel]], allowed_models: li
                     "schema": {"type": "string"},
                 },
                 "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}},
+                "X-Budget-Limit": {
+                    "description": "With a token budget (TOKEN_BUDGET): the key's tokens per period.",
+                    "schema": {"type": "string"},
+                },
+                "X-Budget-Remaining": {
+                    "description": "With a token budget: the tokens left after this request (while a stream runs, "
+                    "after its reservation).",
+                    "schema": {"type": "string"},
+                },
+                "X-Budget-Reset": {
+                    "description": "With a token budget: when its period ends and it resets, as Unix time.",
+                    "schema": {"type": "string"},
+                },
             },
             "parameters": {
                 "X-Request-ID": {
@@ -289,8 +305,14 @@ def describe_allowed_models(schemas: dict, allowed_models: list[str]) -> None:
             ).strip()
 
 
+BUDGET_HEADERS = {name: {"$ref": f"#/components/headers/{name}"}
+                  for name in ("X-Budget-Limit", "X-Budget-Remaining", "X-Budget-Reset")}
+
+
 def operation(route: Route) -> dict:
-    request_id = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    headers = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    if MODEL_CALL[0] in route.errors:  # a route that calls the model answers with its key's budget
+        headers |= BUDGET_HEADERS
     if isinstance(route.answer, str):
         schema = {"type": "object"} if route.answer == "application/json" else {"type": "string"}
         content = {route.answer: {"schema": schema}}
@@ -306,7 +328,7 @@ def operation(route: Route) -> dict:
         "summary": route.summary,
         "operationId": route.method + re.sub(r"[/.{}]", "_", route.path),
         "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}, *route.parameters],
-        "responses": {str(route.status): {"description": "Success.", "headers": request_id, "content": content}}
+        "responses": {str(route.status): {"description": "Success.", "headers": headers, "content": content}}
         | {str(status): {"$ref": f"#/components/responses/{status}"} for status in sorted(route.errors)},
         "security": security,
     }
@@ -324,6 +346,8 @@ def error_response(status: int) -> dict:
     headers = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
     if status in RETRY_AFTER_STATUSES:
         headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+    if status == 429:
+        headers |= BUDGET_HEADERS
     return {
         "description": ERROR_MEANINGS[status],
         "headers": headers,

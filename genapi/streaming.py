@@ -204,7 +204,7 @@ class StreamRelay:
     """One stream, from the upstream call to the log line: the WSGI response iterable, closed by the WSGI server."""
 
     def __init__(self, open_upstream, shape, limits: StreamLimits, record: dict, prompt_chars: int, model: str,
-                 on_complete=None, record_usage=None):
+                 on_complete=None, record_usage=None, reservation=None):
         self._open_upstream = open_upstream  # called in the reader thread; returns an HttpStream-like object
         self._shape = shape
         self._limits = limits
@@ -212,6 +212,7 @@ class StreamRelay:
         self._prompt_chars = prompt_chars
         self._on_complete = on_complete  # called with the stored answer of a stream that completed (the cache)
         self._record_usage = record_usage  # the usage ledger's row, written once the stream has ended (genapi.usage)
+        self._reservation = reservation  # the key's token budget held for this stream (genapi.budgets), or None
         self._queue: queue.Queue = queue.Queue()
         self._upstream = None
         self._aborted = False
@@ -256,6 +257,11 @@ class StreamRelay:
         if kind == FAILED:
             raise value
         # OPENED: the status is a success; the stream's first chunk comes through the queue.
+
+    def release_reservation(self) -> None:
+        """The call was refused before the stream's first byte: it cost nothing."""
+        if self._reservation is not None:
+            self._reservation.release()
 
     def wake(self) -> None:
         self._queue.put((WAKE, None))
@@ -458,6 +464,13 @@ class StreamRelay:
         _live_relays.discard(self)
         usage = self._settled_usage()
         estimated = usage.get("estimated", False)
+        if self._reservation is not None:
+            # Each stream settles its own reservation here, once, however it ended: a call that failed before
+            # the model sent anything costs nothing; any other stream costs its real usage, or the estimate.
+            if self._ending in (UPSTREAM_ERROR, TIMEOUT) and self._chunks == 0:
+                self._reservation.release()
+            else:
+                self._reservation.settle(usage["total_tokens"])
         seconds = time.perf_counter() - self._started_perf
         record = self._record
         metrics.STREAMS_IN_FLIGHT.dec()
@@ -501,6 +514,7 @@ def stream_response(relay: StreamRelay) -> Response:
     try:
         relay.wait_for_status()
     except ApiError as error:
+        relay.release_reservation()
         metrics.count_upstream_error(error.code)
         raise
     g.stream_relay = relay  # finish_request leaves the log line and the metrics of a stream to the relay

@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from config import Settings
 from genapi import metrics
 from genapi.auth import authenticate
+from genapi.budgets import prompt_tokens_estimate, release, reserve, settle, show_budget
 from genapi.errors import ApiError
 from genapi.limits import charge
 from genapi.logs import stream_record
@@ -75,6 +76,15 @@ def chat_completions():
     return complete_chat(client, body)
 
 
+def most_tokens(body: dict) -> int:
+    """The most a chat request can cost, what its token budget reserves: the messages' estimate plus its token cap."""
+    messages = body["messages"]
+    characters = sum(len(message_text(message.get("content"))) for message in messages)
+    # With both caps sent, which one a model server honours is its own choice: reserve for the larger.
+    cap = max(body.get("max_completion_tokens") or 0, body.get("max_tokens") or 0) or state("settings").max_tokens_limit
+    return prompt_tokens_estimate(characters, messages=len(messages)) + cap
+
+
 def complete_chat(client, body: dict) -> Response:
     """The model server's answer as it sent it; cached (with CACHE_TTL) by the whole body and the client."""
     cache = state("cache")
@@ -85,30 +95,26 @@ def complete_chat(client, body: dict) -> Response:
         metrics.count_cache_lookup(stored is not None)
     if stored is not None:
         g.cached = True
+        show_budget()
         response = jsonify(stored)
     else:
+        reservation = reserve(most_tokens(body))
         started = time.perf_counter()
         try:
             raw, answer = state("provider").chat(body)
+            g.completion = chat_completion_of(answer, body["model"], started)
         except ApiError as error:
+            release(reservation)
             metrics.count_upstream_error(error.code)
             raise
-        reported = answer.get("model")
-        model = model_name(reported, body["model"])
-        if isinstance(reported, str) and model != reported:  # a path on the model server's disk: its file's name
-            answer["model"] = model
+        except BaseException:
+            release(reservation)
+            raise
+        if isinstance(answer.get("model"), str) and answer["model"] != g.completion.model:  # a path: its file's name
+            answer["model"] = g.completion.model
             raw = json.dumps(answer).encode()
-        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-        g.completion = Completion(
-            text="",
-            model=model,
-            finish_reason=None,
-            prompt_tokens=token_count(usage.get("prompt_tokens")),
-            completion_tokens=token_count(usage.get("completion_tokens")),
-            upstream_request_id=upstream_id(None, answer.get("id")),
-            upstream_ms=(time.perf_counter() - started) * 1000,
-        )
         metrics.count_completion(g.completion.prompt_tokens, g.completion.completion_tokens, g.completion.upstream_ms)
+        settle(reservation, g.completion.prompt_tokens + g.completion.completion_tokens)
         if cache:
             cache.put(key, answer)
         response = Response(raw, mimetype="application/json")
@@ -117,12 +123,27 @@ def complete_chat(client, body: dict) -> Response:
     return response
 
 
+def chat_completion_of(answer: dict, requested_model: str, started: float) -> Completion:
+    """What a /v1 answer used, for the log line, the metrics, the ledger and the budget; its values bounded."""
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+    return Completion(
+        text="",
+        model=model_name(answer.get("model"), requested_model),
+        finish_reason=None,
+        prompt_tokens=token_count(usage.get("prompt_tokens")),
+        completion_tokens=token_count(usage.get("completion_tokens")),
+        upstream_request_id=upstream_id(None, answer.get("id")),
+        upstream_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
 def stream_chat(body: dict) -> Response:
     """The model server's stream, relayed line by line; its usage chunk only if the client asked for it."""
     settings: Settings = state("settings")
     include_usage = (body.get("stream_options") or {}).get("include_usage") is True
     body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True}
     characters = sum(len(message_text(message.get("content"))) for message in body["messages"])
+    reservation = reserve(most_tokens(body))
     relay = StreamRelay(
         functools.partial(state("provider").open_stream, body),
         ChatChunks(include_usage),
@@ -131,6 +152,7 @@ def stream_chat(body: dict) -> Response:
         prompt_chars=characters,
         model=body["model"],
         record_usage=stream_usage_recorder(),
+        reservation=reservation,
     )
     return stream_response(relay)
 

@@ -23,6 +23,7 @@ HANG = "hang"  # never answer, so the client times out
 CLOSE = "close"  # answer, then close the connection, as a server whose keep-alive timeout ran out
 TRICKLE = "trickle"  # answer at once, but send the body a few bytes at a time over TRICKLE_SECONDS
 TRICKLE_SECONDS = 3.0
+HOLD = "hold"  # wait for release() (counted in flight meanwhile), then answer as "ok"
 
 # A prompt containing "FAIL:<status>" is answered with that status whatever the script says, so a test of
 # concurrent calls can pick the failing one by its content rather than by call order.
@@ -168,8 +169,14 @@ class FakeOpenAI:
             return self._connection_closed.wait_for(lambda: self.closed_connections >= count, timeout)
 
     def release(self) -> None:
-        """Let a stream held at `hold_at` go on."""
+        """Let every call held by HOLD, and every stream held at `hold_at`, go on (until hold_again())."""
         self._loop.call_soon_threadsafe(self._release.set)
+
+    def hold_again(self) -> None:
+        """After release(): the next HOLD and `hold_at` wait again; returns once that is in force."""
+        done = threading.Event()
+        self._loop.call_soon_threadsafe(lambda: (self._release.clear(), done.set()))
+        done.wait(10)
 
     def wait_for_abandoned_streams(self, count: int, timeout: float = 30) -> bool:
         """Block until the client side has closed at least `count` streams before their end."""
@@ -244,6 +251,12 @@ class FakeOpenAI:
             behaviour = Status(int(marker.group(1)))
         if behaviour == HANG:
             await asyncio.sleep(3600)
+        if behaviour == HOLD:
+            self._count_in_flight(+1)
+            try:
+                await self._release.wait()
+            finally:
+                self._count_in_flight(-1)
         if self.delay:
             await self._wait(self.delay)
         if behaviour == DROP:
