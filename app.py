@@ -7,6 +7,7 @@ genapi.errors turns into the one error shape. Every answer then passes `finish_r
 metrics (genapi.metrics) and writes its one JSON log line (genapi.logs).
 """
 
+import functools
 import logging
 import os
 import re
@@ -16,22 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 import click
 import httpx2
 from flask import Flask, Response, current_app, g, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings, split_list
-from genapi import metrics
+from genapi import metrics, v1
 from genapi.auth import authenticate, require_admin
 from genapi.cache import build_cache, cache_key
 from genapi.commands import create_key
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, KeyRing
 from genapi.limits import build_limiter, charge
-from genapi.logs import configure_logging, log_request
+from genapi.logs import configure_logging, log_request, stream_record
 from genapi.openapi import build_openapi
-from genapi.providers import Completion, Generation, build_provider
+from genapi.providers import Completion, Generation, build_provider, chat_body
 from genapi.redis_state import RedisState
-from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body
+from genapi.streaming import CachedStream, GenerateEvents, StreamLimits, StreamRelay, stream_response
+from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body, read_body
 
 log = logging.getLogger("genapi")
 
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     limiter = build_limiter(app, settings, redis_state)
     app.add_url_rule("/generate", view_func=generate, methods=["POST"])
     app.add_url_rule("/generate/batch", view_func=generate_batch, methods=["POST"])
+    app.register_blueprint(v1.blueprint)
     app.add_url_rule("/healthz", view_func=limiter.exempt(healthz), methods=["GET"])
     app.add_url_rule("/readyz", view_func=limiter.exempt(readyz), methods=["GET"])
     app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
@@ -112,10 +114,15 @@ def start_request() -> None:
 
 
 def finish_request(response: Response) -> Response:
-    """Every answer, success or error: its X-Request-ID header, its metrics, its one log line."""
+    """Every answer, success or error: its X-Request-ID header, its metrics, its one log line.
+
+    A stream's metrics and log line come from its StreamRelay when it ends, not here as it begins.
+    """
     if "request_id" not in g:  # an error before start_request ran
         g.request_id = new_request_id()
     response.headers["X-Request-ID"] = g.request_id
+    if "stream_relay" in g:
+        return response
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     route = request.url_rule.rule if request.url_rule else None
     metrics.count_request(route, request.method, response.status_code, seconds)
@@ -125,15 +132,7 @@ def finish_request(response: Response) -> Response:
 
 def read_json_body(model):
     """The validated body: 415 unless it is declared JSON; 400, 413 and 422 come from reading and parsing it."""
-    if not request.is_json:
-        raise ApiError(415, "The body must be JSON, sent with Content-Type: application/json.", code="unsupported_media_type")
-    body = request.get_data(cache=False)
-    # A chunked body has no Content-Length to refuse up front, and Werkzeug stops reading it at the limit, silently:
-    # one more byte from the server's own stream tells a body of exactly the limit from a longer one.
-    if request.content_length is None and len(body) >= request.max_content_length:
-        if request.environ["wsgi.input"].read(1):
-            raise RequestEntityTooLarge()
-    return parse_body(model, body)
+    return parse_body(model, read_body())
 
 
 def generation_from(options, prompt: str, client: Client) -> Generation:
@@ -207,10 +206,42 @@ def generate():
     body = read_json_body(state("GenerateRequest"))
     generation = generation_from(body, body.prompt, client)
     charge(1)
+    if body.stream:
+        return stream_answer(client, generation, wants_fresh_answer())
     result = answer(client, generation, g.request_id, wants_fresh_answer())
     response = jsonify(result)
     if state("cache"):
         response.headers["X-Cache"] = "HIT" if result["cached"] else "MISS"
+    return response
+
+
+def stream_answer(client: Client, generation: Generation, fresh: bool) -> Response:
+    """/generate's answer as a stream: from the cache when it holds one, else relayed from the provider, then cached."""
+    settings: Settings = state("settings")
+    g.exchange = {"prompt": generation.prompt, "system": generation.system, "output": None}
+    cache = state("cache")
+    key = cache_key(client.name, generation) if cache else None
+    stored = cache.get(key) if cache and not fresh else None
+    if cache and not fresh:
+        metrics.count_cache_lookup(stored is not None)
+    if stored is not None:
+        g.cached = True
+        open_upstream = functools.partial(CachedStream, stored)
+    else:
+        body = chat_body(generation) | {"stream": True, "stream_options": {"include_usage": True}}
+        open_upstream = functools.partial(state("provider").open_stream, body)
+    relay = StreamRelay(
+        open_upstream,
+        GenerateEvents(g.request_id, cached=stored is not None),
+        StreamLimits.from_settings(settings),
+        stream_record(settings.log_prompts),
+        prompt_chars=len(generation.prompt) + len(generation.system or ""),
+        model=generation.model,
+        on_complete=functools.partial(cache.put, key) if cache and stored is None else None,
+    )
+    response = stream_response(relay)
+    if cache:
+        response.headers["X-Cache"] = "HIT" if stored is not None else "MISS"
     return response
 
 

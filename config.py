@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     cache_ttl: int = Field(default=0, ge=0)
     cache_max_entries: int = Field(default=1024, ge=1)  # in-process cache only; Redis evicts by its own policy
 
+    # Streams ("stream": true, and /v1/chat/completions): they replace OPENAI_TIMEOUT for a streamed call.
+    # A comment goes out after this many seconds of silence, inside Heroku's 30 s first-byte and 55 s idle windows.
+    stream_heartbeat_seconds: float = Field(default=15.0, gt=0, le=25)
+    stream_first_token_timeout: float = Field(default=60.0, gt=0)  # from the call to the model's first chunk
+    stream_idle_timeout: float = Field(default=30.0, gt=0)  # the longest silence between two chunks
+    stream_max_seconds: float = Field(default=600.0, gt=0)  # the whole stream, first byte to last
+    mock_stream_delay: float = Field(default=0.05, ge=0, le=5)  # the mock provider's pause between streamed words
+
     # POST /generate/batch.
     batch_max_prompts: int = Field(default=16, ge=1, le=256)
     batch_concurrency: int = Field(default=8, ge=1, le=64)
@@ -168,6 +176,11 @@ class Settings(BaseSettings):
                 f"OPENAI_TIMEOUT={self.openai_timeout:g} with OPENAI_MAX_RETRIES={self.openai_max_retries} can keep a "
                 f"request upstream for {worst:g} s, past the {UPSTREAM_BUDGET_SECONDS} s that fits Heroku's "
                 f"{HEROKU_ROUTER_LIMIT_SECONDS} s router limit; lower one of them"
+            )
+        if self.stream_max_seconds < max(self.stream_first_token_timeout, self.stream_idle_timeout):
+            raise ValueError(
+                "STREAM_MAX_SECONDS must be at least STREAM_FIRST_TOKEN_TIMEOUT and STREAM_IDLE_TIMEOUT, "
+                "which bound parts of the same stream"
             )
         return self
 

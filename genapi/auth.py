@@ -8,16 +8,23 @@ from genapi.errors import ApiError
 from genapi.keys import Client
 
 
-def authenticate() -> Client:
-    """The client behind the X-API-KEY header: 401 without one, 403 for a key that is not accepted."""
+def authenticate(bearer: bool = False) -> Client:
+    """The client behind the X-API-KEY header: 401 without one, 403 for a key that is not accepted.
+
+    With `bearer` (the /v1 routes, which OpenAI's clients call), `Authorization: Bearer <key>` is taken too.
+    """
     presented = request.headers.get("X-API-KEY")
+    if not presented and bearer:
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        presented = credentials.strip() if scheme.lower() == "bearer" else None
     client = current_app.extensions["genapi"]["keys"].identify(presented) if presented else None
     if client is None:
         # Counted against the caller's address by AUTH_FAILURE_LIMIT (genapi.limits), to slow down key guessing.
         g.authentication_failed = True
         if not presented:
-            raise ApiError(401, "Send your key in the X-API-KEY header.", code="missing_api_key")
-        raise ApiError(403, "The X-API-KEY is not accepted.", code="invalid_api_key")
+            where = "the X-API-KEY header or as Authorization: Bearer" if bearer else "the X-API-KEY header"
+            raise ApiError(401, f"Send your key in {where}.", code="missing_api_key")
+        raise ApiError(403, "The key is not accepted." if bearer else "The X-API-KEY is not accepted.", code="invalid_api_key")
     g.client = client
     return client
 

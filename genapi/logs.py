@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
@@ -84,6 +85,33 @@ def log_request(status: int, seconds: float, log_prompts: bool) -> None:
         fields |= g.exchange
     level = logging.ERROR if status >= 500 else logging.INFO
     request_log.log(level, "%s %s %s", request.method, request.path, status, extra={"fields": fields})
+
+
+def stream_record(log_prompts: bool) -> dict:
+    """What a stream's log line takes from its request, captured in the view: the stream is logged after the request.
+
+    `started` and `route` are for StreamRelay's own use; `exchange` is there only with LOG_PROMPTS=true.
+    """
+    client = g.get("client")
+    record = {
+        "request_id": g.get("request_id"),
+        "key_name": client.name if client else None,
+        "method": request.method,
+        "path": request.path,
+        "cached": g.get("cached", False),
+        "pid": current_pid(),
+        "started": g.get("started", time.perf_counter()),
+        "route": request.url_rule.rule if request.url_rule else None,
+    }
+    if log_prompts and "exchange" in g:
+        record["exchange"] = dict(g.exchange)
+    return record
+
+
+def log_stream(fields: dict, level: int) -> None:
+    """A stream's one line, at its end: the request's fields, then how the stream went and ended."""
+    request_log.log(level, "%s %s %s %s", fields["method"], fields["path"], fields["status"], fields["stream_ending"],
+                    extra={"fields": fields})
 
 
 def effective_configuration(settings) -> dict:

@@ -5,7 +5,10 @@ with the status the contract gives it, so the route never sees an SDK exception.
 """
 
 import hashlib
+import json
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -14,6 +17,7 @@ import openai
 
 from config import Settings
 from genapi.errors import ApiError
+from genapi.streaming import HttpStream
 from genapi.upstream_http import upstream_http_client
 
 log = logging.getLogger("genapi")
@@ -42,12 +46,21 @@ class Completion:
 
 
 class MockProvider:
-    """Answers offline and deterministically from the prompt, and says "model": "mock" so nobody mistakes it."""
+    """Answers offline and deterministically from the prompt, and says "model": "mock" so nobody mistakes it.
+
+    It streams too, word by word, in the model server's own chunk format, so that one relay serves both providers.
+    """
+
+    def __init__(self, word_delay: float = 0.0):
+        self.word_delay = word_delay
+
+    @staticmethod
+    def _words(prompt: str) -> list[str]:
+        seed = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+        return f"Mock answer {seed}: this is genapi's offline mock provider, not a model. You said: {prompt}".split()
 
     def complete(self, generation: Generation) -> Completion:
-        seed = hashlib.sha256(generation.prompt.encode()).hexdigest()[:8]
-        words = f"Mock answer {seed}: this is genapi's offline mock provider, not a model. You said: {generation.prompt}"
-        words = words.split()
+        words = self._words(generation.prompt)
         text = " ".join(words[: generation.max_tokens])
         prompt_tokens = len(generation.prompt.split()) + len((generation.system or "").split())
         return Completion(
@@ -57,6 +70,91 @@ class MockProvider:
             prompt_tokens=prompt_tokens,
             completion_tokens=min(len(words), generation.max_tokens),
         )
+
+    def _chat_completion(self, body: dict) -> Completion:
+        messages = body["messages"]
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        generation = Generation(
+            prompt=message_text(last.get("content")) or "",
+            model="mock",
+            max_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or 50,
+        )
+        completion = self.complete(generation)
+        prompt_tokens = sum(len(message_text(m.get("content")).split()) for m in messages if isinstance(m, dict))
+        return Completion(completion.text, "mock", completion.finish_reason, prompt_tokens, completion.completion_tokens)
+
+    def chat(self, body: dict) -> tuple[bytes, dict]:
+        """A Chat Completions answer in OpenAI's shape, as its JSON text and its parsed form."""
+        completion = self._chat_completion(body)
+        answer = {
+            "id": f"chatcmpl-mock-{os.urandom(6).hex()}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": "mock",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason,
+                }
+            ],
+            "usage": usage_of(completion),
+        }
+        return json.dumps(answer).encode(), answer
+
+    def open_stream(self, body: dict) -> "MockStream":
+        return MockStream(self._chat_completion(body), self.word_delay)
+
+
+class MockStream:
+    """The mock's answer as the model server's stream chunks, a word at a time, `word_delay` seconds apart."""
+
+    upstream_request_id = None
+
+    def __init__(self, completion: Completion, word_delay: float):
+        self._completion = completion
+        self._word_delay = word_delay
+        self._aborted = threading.Event()
+
+    def batches(self):
+        """Lists of SSE data payloads, as StreamRelay reads them from any upstream."""
+        head = {"id": f"chatcmpl-mock-{os.urandom(6).hex()}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": "mock"}
+
+        def chunk(delta: dict, finish_reason=None, **extra) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            return json.dumps(head | {"choices": [choice]} | extra).encode()
+
+        yield [chunk({"role": "assistant", "content": ""})]
+        for position, word in enumerate(self._completion.text.split(" ")):
+            if self._aborted.wait(self._word_delay) if self._word_delay else self._aborted.is_set():
+                return
+            yield [chunk({"content": word if position == 0 else " " + word})]
+        usage = json.dumps(head | {"choices": [], "usage": usage_of(self._completion)}).encode()
+        yield [chunk({}, self._completion.finish_reason), usage, b"[DONE]"]
+
+    def abort(self) -> None:
+        self._aborted.set()
+
+    def close(self) -> None:
+        self._aborted.set()
+
+
+def message_text(content) -> str:
+    """The text of a chat message's content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def usage_of(completion: Completion) -> dict:
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
 
 
 class BoundedRetryOpenAI(openai.OpenAI):
@@ -108,7 +206,9 @@ def upstream_error_detail(error: openai.APIStatusError) -> dict | None:
 def names_the_model(error: openai.APIStatusError, model: str) -> bool:
     """Whether an upstream 404 is about the model asked for: OpenAI says so by code, Ollama and vLLM by its name."""
     detail = upstream_error_detail(error)
-    return detail is not None and (detail.get("code") == "model_not_found" or model in detail["message"])
+    if detail is None:
+        return False
+    return detail.get("code") == "model_not_found" or (isinstance(model, str) and bool(model) and model in detail["message"])
 
 
 def upstream_message(error: openai.APIStatusError) -> str:
@@ -135,9 +235,21 @@ class OpenAIProvider:
                 settings.in_flight_per_worker * settings.batch_concurrency, timeout, settings.openai_timeout
             ),
         )
+        # Streams get a client of their own: no per-attempt deadline (a stream may last STREAM_MAX_SECONDS), and a
+        # read timeout that is only a backstop, since StreamRelay bounds the waits itself (STREAM_*_TIMEOUT).
+        backstop = max(settings.stream_first_token_timeout, settings.stream_idle_timeout) + 5
+        stream_timeout = httpx2.Timeout(backstop, connect=min(5.0, settings.openai_timeout))
+        self.stream_client = self.client.with_options(timeout=stream_timeout) if http_client else BoundedRetryOpenAI(
+            api_key=api_key,
+            base_url=settings.openai_base_url,
+            timeout=stream_timeout,
+            max_retries=settings.openai_max_retries,
+            http_client=upstream_http_client(settings.in_flight_per_worker, stream_timeout, None),
+        )
         # The SDK describes the platform in headers it works out once per process, running `uname -p` to do so.
         # Here that happens while the app is built, so in gunicorn's master, not on each worker's first request.
         self.client.platform_headers()
+        self.stream_client.platform_headers()
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(base_url={str(self.client.base_url)!r})"
@@ -146,54 +258,81 @@ class OpenAIProvider:
         # A local server's placeholder key ("none", "ollama") is no secret, and replacing it would garble plain words.
         return text.replace(self._api_key, "[redacted]") if len(self._api_key) >= 16 else text
 
+    def failure(self, error: openai.APIError, model: str) -> ApiError:
+        """The ApiError, with the status the contract gives it, for the SDK's exception about a call for `model`."""
+        if isinstance(error, openai.APITimeoutError):
+            return ApiError(504, "The model server did not answer in time.", code="upstream_timeout")
+        if isinstance(error, openai.APIConnectionError):
+            return ApiError(502, "The model server could not be reached.", code="upstream_unavailable")
+        if isinstance(error, openai.RateLimitError):
+            if error.code == "insufficient_quota":
+                # Our account is out of credit: retrying will not help, and only the operator can fix it.
+                log.error("the model server says genapi's account is out of quota: check the OPENAI_API_KEY account")
+                return ApiError(502, "The model server's quota for this service is used up.", code="upstream_quota_exceeded")
+            return overloaded(error)
+        if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            # Our own OPENAI_API_KEY is wrong: the operator must know, the client must learn nothing about the key.
+            log.error(
+                "the model server refused genapi's credentials (HTTP %s): check OPENAI_API_KEY and OPENAI_BASE_URL",
+                error.status_code,
+            )
+            return ApiError(502, "The model server refused this service's credentials.", code="upstream_auth")
+        if isinstance(error, (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError)):
+            if error.status_code == 404 and not names_the_model(error, model):
+                # Not "no such model": the server has no such route (OpenAI's own "unknown_url", a plain page, ...),
+                # so OPENAI_BASE_URL is wrong, which only the operator can fix.
+                log.error("the model server has no /chat/completions (HTTP 404): check OPENAI_BASE_URL")
+                return ApiError(502, "The model server failed (HTTP 404).", code="upstream_error")
+            return ApiError(
+                400,
+                f"The model server rejected the request: {self._redact(upstream_message(error))}",
+                code="upstream_rejected_request",
+            )
+        if isinstance(error, openai.APIStatusError):
+            if error.status_code == 503:  # still overloaded after the SDK's retries: the client should come back later
+                return overloaded(error)
+            return ApiError(502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error")
+        return ApiError(502, "The model server's answer was not usable.", code="upstream_bad_response")
+
+    def chat(self, body: dict) -> tuple[bytes, dict]:
+        """A Chat Completions call with the client's own body: the answer's JSON text as sent, and its parsed form."""
+        try:
+            response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+        except openai.APIError as error:
+            raise self.failure(error, body.get("model")) from None
+        try:
+            answer = response.json()
+        except ValueError:
+            raise ApiError(502, "The model server's answer was not valid JSON.", code="upstream_bad_response") from None
+        if not isinstance(answer, dict):
+            raise ApiError(502, "The model server's answer held no choices.", code="upstream_bad_response")
+        return response.content, answer
+
+    def open_stream(self, body: dict) -> HttpStream:
+        """Start a streamed call; returns once the model server has answered with a success status.
+
+        The SDK's retries happen in here, before the first byte reaches the client, and never after.
+        """
+        try:
+            # With the raw response as the answer, the SDK hands it over unread: its SSE parsing and chunk models
+            # would cost more CPU per chunk than the whole relay.
+            response = self.stream_client.post(
+                "/chat/completions", body=body, cast_to=httpx2.Response, stream=True, stream_cls=openai.Stream
+            )
+        except openai.APIError as error:
+            raise self.failure(error, body.get("model")) from None
+        return HttpStream(response)
+
     def complete(self, generation: Generation) -> Completion:
-        messages = [{"role": "user", "content": generation.prompt}]
-        if generation.system:
-            messages.insert(0, {"role": "system", "content": generation.system})
-        body = {"model": generation.model, "messages": messages, "max_tokens": generation.max_tokens}
-        if generation.temperature is not None:
-            body["temperature"] = generation.temperature
+        body = chat_body(generation)
         started = time.perf_counter()
         try:
             # The SDK's client (auth, retries, timeouts, error classes) with the body as plain JSON and the answer as
             # the raw response: skipping the typed-params transform and the response model saves ~0.4 ms of CPU per
             # call (README, "Where the CPU goes"); _to_completion checks the answer's shape instead.
             response = self.client.post("/chat/completions", body=body, cast_to=httpx2.Response)
-        except openai.APITimeoutError:
-            raise ApiError(504, "The model server did not answer in time.", code="upstream_timeout") from None
-        except openai.APIConnectionError:
-            raise ApiError(502, "The model server could not be reached.", code="upstream_unavailable") from None
-        except openai.RateLimitError as error:
-            if error.code == "insufficient_quota":
-                # Our account is out of credit: retrying will not help, and only the operator can fix it.
-                log.error("the model server says genapi's account is out of quota: check the OPENAI_API_KEY account")
-                message = "The model server's quota for this service is used up."
-                raise ApiError(502, message, code="upstream_quota_exceeded") from None
-            raise overloaded(error) from None
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
-            # Our own OPENAI_API_KEY is wrong: the operator must know, the client must learn nothing about the key.
-            log.error(
-                "the model server refused genapi's credentials (HTTP %s): check OPENAI_API_KEY and OPENAI_BASE_URL",
-                error.status_code,
-            )
-            raise ApiError(502, "The model server refused this service's credentials.", code="upstream_auth") from None
-        except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as error:
-            if error.status_code == 404 and not names_the_model(error, generation.model):
-                # Not "no such model": the server has no such route (OpenAI's own "unknown_url", a plain page, ...),
-                # so OPENAI_BASE_URL is wrong, which only the operator can fix.
-                log.error("the model server has no /chat/completions (HTTP 404): check OPENAI_BASE_URL")
-                raise ApiError(502, "The model server failed (HTTP 404).", code="upstream_error") from None
-            raise ApiError(
-                400,
-                f"The model server rejected the request: {self._redact(upstream_message(error))}",
-                code="upstream_rejected_request",
-            ) from None
-        except openai.APIStatusError as error:
-            if error.status_code == 503:  # still overloaded after the SDK's retries: the client should come back later
-                raise overloaded(error) from None
-            raise ApiError(
-                502, f"The model server failed (HTTP {error.status_code}).", code="upstream_error"
-            ) from None
+        except openai.APIError as error:
+            raise self.failure(error, generation.model) from None
         try:
             completion = response.json()
         except ValueError:  # json.JSONDecodeError, or a body that is not text
@@ -226,6 +365,17 @@ class OpenAIProvider:
         )
 
 
+def chat_body(generation: Generation) -> dict:
+    """The Chat Completions body that asks for one Generation."""
+    messages = [{"role": "user", "content": generation.prompt}]
+    if generation.system:
+        messages.insert(0, {"role": "system", "content": generation.system})
+    body = {"model": generation.model, "messages": messages, "max_tokens": generation.max_tokens}
+    if generation.temperature is not None:
+        body["temperature"] = generation.temperature
+    return body
+
+
 def token_count(value) -> int:
     """A usage count from the upstream's JSON; anything but a non-negative integer counts as 0."""
     return value if type(value) is int and value >= 0 else 0
@@ -237,5 +387,5 @@ def build_provider(settings: Settings, http_client: httpx2.Client | None = None)
             "LLM_PROVIDER=mock: answers come from genapi's offline mock, not a model. "
             "Set OPENAI_API_KEY (and OPENAI_BASE_URL for Ollama, vLLM or llama.cpp) to use a real one."
         )
-        return MockProvider()
+        return MockProvider(settings.mock_stream_delay)
     return OpenAIProvider(settings, http_client)

@@ -5,6 +5,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
 
+from flask import request
+from werkzeug.exceptions import RequestEntityTooLarge
+
 from genapi.errors import ApiError
 
 
@@ -110,6 +113,11 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
         """The body of POST /generate."""
 
         prompt: Prompt = Field(description="The text to complete; not blank.")
+        stream: bool = Field(
+            default=False,
+            description="Answer as a stream of server-sent events (text/event-stream): `delta` events with the "
+            "text as it arrives, then one `done` event, or an `error` event.",
+        )
 
     class BatchRequest(GenerationOptions):
         """The body of POST /generate/batch: the options apply to every prompt."""
@@ -149,3 +157,16 @@ def parse_body(model: type[BaseModel], raw: bytes):
         raise ApiError(
             422, f"Invalid request: {summary}", code="validation_error", param=fields[0]["param"], fields=fields
         ) from None
+
+
+def read_body() -> bytes:
+    """The request's raw body: 415 unless it is declared JSON, 413 past MAX_CONTENT_LENGTH."""
+    if not request.is_json:
+        raise ApiError(415, "The body must be JSON, sent with Content-Type: application/json.", code="unsupported_media_type")
+    body = request.get_data(cache=False)
+    # A chunked body has no Content-Length to refuse up front, and Werkzeug stops reading it at the limit, silently:
+    # one more byte from the server's own stream tells a body of exactly the limit from a longer one.
+    if request.content_length is None and len(body) >= request.max_content_length:
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    return body

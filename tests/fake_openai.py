@@ -30,6 +30,25 @@ FAIL_MARKER = re.compile(r"FAIL:(\d{3})")
 
 
 @dataclass
+class Stream:
+    """How to answer a streamed call ("stream": true): the echo text a word a chunk, then finish, usage, [DONE].
+
+    Positions count the text chunks from 0. At `hold_at` the server waits for release() (or for the client to go);
+    at `silent_at` it is silent for `silence` seconds; at `cut_at` it drops the connection mid-body; at `error_at`
+    it sends an error object and ends the body. `gap` is the pause before every chunk.
+    """
+
+    hold_at: int | None = None
+    silent_at: int | None = None
+    silence: float = 3600.0
+    cut_at: int | None = None
+    error_at: int | None = None
+    usage: bool = True  # send the usage chunk when the request asks for it
+    finish: bool = True  # send the finish_reason chunk and data: [DONE]
+    gap: float = 0.0
+
+
+@dataclass
 class Status:
     """Answer with this HTTP status and an OpenAI-shaped error body."""
 
@@ -72,6 +91,15 @@ class ClosingAnswer(bytes):
     """An answer after which the server closes the connection, without saying so in a header."""
 
 
+@dataclass
+class StreamedAnswer:
+    """A streamed answer to send: the script, and the request it answers."""
+
+    script: Stream
+    request_body: dict
+    request_id: int
+
+
 class TrickledAnswer(bytes):
     """An answer whose body comes a few bytes at a time, each piece in time for a per-read timeout."""
 
@@ -97,6 +125,9 @@ class FakeOpenAI:
         self._in_flight_changed = threading.Condition()
         self.closed_connections = 0  # connections this server closed, or saw closed
         self._connection_closed = threading.Condition()
+        self.streams_abandoned = 0  # streams whose client closed the connection before their end
+        self._stream_abandoned = threading.Condition()
+        self._release: asyncio.Event | None = None
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -113,6 +144,9 @@ class FakeOpenAI:
         self.calls = 0
         self.connections = 0
         self.closed_connections = 0
+        self.streams_abandoned = 0
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._release.clear)
         self.delay = 0.0
         self.max_in_flight = 0
 
@@ -125,6 +159,15 @@ class FakeOpenAI:
         """Block until this server has closed (or seen closed) at least `count` connections since the last reset."""
         with self._connection_closed:
             return self._connection_closed.wait_for(lambda: self.closed_connections >= count, timeout)
+
+    def release(self) -> None:
+        """Let a stream held at `hold_at` go on."""
+        self._loop.call_soon_threadsafe(self._release.set)
+
+    def wait_for_abandoned_streams(self, count: int, timeout: float = 30) -> bool:
+        """Block until the client side has closed at least `count` streams before their end."""
+        with self._stream_abandoned:
+            return self._stream_abandoned.wait_for(lambda: self.streams_abandoned >= count, timeout)
 
     def _count_in_flight(self, change: int) -> None:
         with self._in_flight_changed:
@@ -152,6 +195,10 @@ class FakeOpenAI:
                 method, path, _ = request_line.split(" ", 2)
                 if method == "POST" and path.endswith("/chat/completions"):
                     answer = await self._chat(headers, body)
+                    if isinstance(answer, StreamedAnswer):
+                        if not await self._stream(answer, reader, writer):
+                            break
+                        continue
                 elif path.endswith("/healthz"):
                     answer = http_response(200, b'{"status":"ok"}')
                 else:
@@ -203,10 +250,80 @@ class FakeOpenAI:
         if isinstance(behaviour, Status):
             error = {"error": {"message": behaviour.message, "type": "fake_error", "param": None, "code": None}}
             return http_response(behaviour.code, json.dumps(error).encode(), ids | behaviour.headers)
+        if request_body.get("stream") is True:
+            return StreamedAnswer(behaviour if isinstance(behaviour, Stream) else Stream(), request_body, request_id)
         answer = http_response(200, json.dumps(completion_body(request_body, request_id)).encode(), ids)
         if behaviour == TRICKLE:
             return TrickledAnswer(answer)
         return ClosingAnswer(answer) if behaviour == CLOSE else answer
+
+    async def _stream(self, answer: "StreamedAnswer", reader, writer) -> bool:
+        """Send a streamed answer as OpenAI does; False when the connection must close after it."""
+        script, request_body = answer.script, answer.request_body
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+            f"x-request-id: req_fake_{answer.request_id}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        completion = completion_body(request_body, answer.request_id)
+        head = {"id": completion["id"], "object": "chat.completion.chunk", "created": 1700000000,
+                "model": completion["model"]}
+        words = completion["choices"][0]["message"]["content"].split(" ")
+        include_usage = (request_body.get("stream_options") or {}).get("include_usage") is True
+        client_gone = asyncio.ensure_future(reader.read(1))  # b"" when the client closes the connection
+
+        async def send(event: dict | str) -> None:
+            data = event if isinstance(event, str) else json.dumps(head | event)
+            payload = f"data: {data}\n\n".encode()
+            writer.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+            await writer.drain()
+
+        async def wait(awaitable) -> bool:
+            """Wait for `awaitable`, or for the client to go; True if the client went."""
+            task = asyncio.ensure_future(awaitable)
+            await asyncio.wait([task, client_gone], return_when=asyncio.FIRST_COMPLETED)
+            if client_gone.done():
+                task.cancel()
+                return True
+            return False
+
+        try:
+            for position, word in enumerate(words):
+                if script.gap and await wait(asyncio.sleep(script.gap)):
+                    return self._abandoned()
+                if position == script.hold_at and await wait(self._release.wait()):
+                    return self._abandoned()
+                if position == script.silent_at and await wait(asyncio.sleep(script.silence)):
+                    return self._abandoned()
+                if position == script.cut_at:
+                    writer.write(b"ff\r\ndata: {\"choices\"")  # half a chunk, then the connection drops
+                    return False
+                if position == script.error_at:
+                    await send(json.dumps({"error": {"message": "the model crashed", "type": "server_error"}}))
+                    break
+                text = word if position == 0 else " " + word
+                await send({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+            else:
+                if script.finish:
+                    finish_reason = completion["choices"][0]["finish_reason"]
+                    await send({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+                if script.usage and include_usage:
+                    await send({"choices": [], "usage": completion["usage"]})
+                if script.finish:
+                    await send("[DONE]")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        except ConnectionError:
+            return self._abandoned()
+        finally:
+            client_gone.cancel()
+
+    def _abandoned(self) -> bool:
+        with self._stream_abandoned:
+            self.streams_abandoned += 1
+            self._stream_abandoned.notify_all()
+        return False
 
     @staticmethod
     async def _trickle(answer: bytes, writer: asyncio.StreamWriter, pieces: int = 10) -> None:
@@ -232,6 +349,7 @@ class FakeOpenAI:
         server = await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=4096)
         self.port = server.sockets[0].getsockname()[1]
         self._loop = asyncio.get_running_loop()
+        self._release = asyncio.Event()
         if started:
             started.set()
         async with server:
