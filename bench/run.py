@@ -116,6 +116,12 @@ def cpu_seconds(root: int, workers_only: bool = False) -> float:
     return total / CLOCK_TICKS
 
 
+def machine_cpu_seconds() -> float:
+    """CPU time all cores spent busy since boot (/proc/stat: every state but idle and iowait), in seconds."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
 def memory_mb(root: int) -> tuple[float, float]:
     """(RSS summed, PSS summed) of a process tree in MB; PSS splits the pages the workers share with the master."""
     rss = pss = 0
@@ -469,16 +475,24 @@ def silent_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstrea
 def relayed_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstream) -> list[Row]:
     """Streams at the model's pace, directly and through each route; the workers' CPU per relayed chunk."""
     pid = service.process.pid
-    clients, seconds, stagger = plan.stream_clients, plan.stream_seconds, plan.stream_chunks * plan.stream_interval
+    clients, seconds = plan.stream_clients, plan.stream_seconds
+    stagger = min(seconds, plan.stream_chunks * plan.stream_interval)  # over one stream's length: no lock-step
     shape = f"{clients} streams of {plan.stream_chunks} chunks at {1 / plan.stream_interval:g}/s, {seconds} s"
     sdk_before = sdk_stream_chunk_cpu_ms(upstream.url, plan.sdk_streams, plan.sdk_concurrency)
     direct = stream_load(upstream.port, "/v1/chat/completions", DIRECT_STREAM_BODY, "openai", clients, seconds, stagger)
     relayed = {}
     for route, (stream_format, body, headers) in STREAM_ROUTES.items():
         cpu_before, chunks_before = cpu_seconds(pid, workers_only=True), upstream.stats()["chunks_sent"]
+        ours_before, machine_before = cpu_seconds(pid) + cpu_seconds(upstream.process.pid), machine_cpu_seconds()
         numbers = stream_load(service.port, route, body, stream_format, clients, seconds, stagger, headers=headers)
         numbers["worker_cpu_seconds"] = cpu_seconds(pid, workers_only=True) - cpu_before
         numbers["chunks_relayed"] = upstream.stats()["chunks_sent"] - chunks_before
+        # How busy the machine was, and how much of that was not this benchmark: on a shared machine, latency
+        # grows with what everything else runs.
+        ours = cpu_seconds(pid) + cpu_seconds(upstream.process.pid) - ours_before + numbers["client_cpu_seconds"]
+        busy = machine_cpu_seconds() - machine_before
+        numbers["machine_busy_cores"] = busy / numbers["seconds"]
+        numbers["others_busy_cores"] = max(0.0, busy - ours) / numbers["seconds"]
         numbers["rss_mb"], numbers["pss_mb"] = memory_mb(pid)
         relayed[route] = numbers
     sdk_after = sdk_stream_chunk_cpu_ms(upstream.url, plan.sdk_streams, plan.sdk_concurrency)
@@ -495,8 +509,9 @@ def relayed_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstre
             problems.append("gap")
         if numbers["errors"] or numbers["cut"] or numbers["complete"] != numbers["streams"] or not numbers["streams"]:
             problems.append("errors or incomplete streams")
+        busy = f"{numbers['machine_busy_cores']:.2f} of {os.cpu_count()} cores busy, {numbers['others_busy_cores']:.2f} by other programs"
         rows.append(stream_row(f"{shape}: through genapi {route}", numbers,
-                               f"first token p99 {signed(first_token)}, gap p99 {signed(gap)} over direct",
+                               f"first token p99 {signed(first_token)}, gap p99 {signed(gap)} over direct; {busy}",
                                "MISSES: " + ", ".join(problems) if problems else "meets"))  # fmt: skip
     for route, numbers in relayed.items():
         chunks, cpu = numbers["chunks_relayed"], numbers["worker_cpu_seconds"]
