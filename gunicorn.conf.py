@@ -3,6 +3,7 @@
 import contextlib
 import gc
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -52,6 +53,10 @@ timeout = 30
 # On SIGTERM, in-flight requests get this long to finish, inside the 30 s Heroku gives before SIGKILL.
 graceful_timeout = 25
 
+# Streams still running at SIGTERM end this long before graceful_timeout, with an error event the client can see,
+# rather than being cut when the worker exits.
+STREAM_SHUTDOWN_MARGIN_SECONDS = 2
+
 # Longer than the Heroku router's 90 s idle timeout, so the router, not us, closes idle keep-alive connections.
 keepalive = 95
 
@@ -87,11 +92,21 @@ def when_ready(server):
 
 
 def post_worker_init(worker):
-    """In a gevent worker, after gevent's monkey-patching: keep httpcore2's idle-connection checks cheap."""
+    """Tell streams of a SIGTERM; in a gevent worker, keep httpcore2's idle-connection checks cheap."""
     if settings.worker_class == "gevent":
         from genapi.upstream_http import probe_idle_connections_without_gevent
 
         probe_idle_connections_without_gevent()
+    from genapi.streaming import begin_shutdown
+
+    handle_exit = worker.handle_exit
+
+    def handle_exit_with_streams(sig, frame):
+        # The worker stops taking requests and waits graceful_timeout for those in flight: streams must end by then.
+        begin_shutdown(max(0.0, worker.cfg.graceful_timeout - STREAM_SHUTDOWN_MARGIN_SECONDS))
+        handle_exit(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit_with_streams)
 
 
 def child_exit(server, worker):

@@ -11,16 +11,31 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from genapi.errors import ERROR_TYPES
-from genapi.schemas import BatchResponse, ErrorResponse, GenerateResponse, HealthResponse, ReadyResponse
+from genapi.schemas import BatchResponse, ErrorResponse, GenerateResponse, HealthResponse, ModelList, ReadyResponse
 
 SECURITY_SCHEME = "ApiKey"
+BEARER_SCHEME = "Bearer"  # /v1 takes the key as OpenAI's clients send it, too
+
+GENERATE_EVENTS = (
+    'With "stream": true, the answer is text/event-stream: `event: delta` with `data: {"text": "..."}` for each '
+    "piece of text as the model sends it, then one `event: done` whose data holds model, finish_reason, usage "
+    "(with `estimated: true` when the model server sent none), id and cached; or, if the stream fails after its "
+    'first byte, one `event: error` whose data is the error shape, {"error": {...}}, and no done. Lines starting '
+    "with `:` are heartbeats, sent while the model is silent. An error before the first byte is the ordinary JSON "
+    "error with its status."
+)
+CHAT_EVENTS = (
+    'With "stream": true, OpenAI\'s stream: `data: {chunk}` lines as the model server sent them, then '
+    '`data: [DONE]`; a usage chunk only with stream_options.include_usage. If the stream fails after its first byte, '
+    'one `data: {"error": {...}}` line and no [DONE]. Lines starting with `:` are heartbeats.'
+)
 
 ERROR_MEANINGS = {
     400: "The body is not valid JSON or not a JSON object (invalid_json), or the model server refused the request "
     "itself (upstream_rejected_request).",
     401: "No X-API-KEY header (missing_api_key).",
     403: "The key is not accepted (invalid_api_key), or the route needs an admin key (admin_only).",
-    404: "No such route (not_found).",
+    404: "No such route (not_found), or, on /v1, a model this key may not use (model_not_found).",
     405: "The route does not take this method (method_not_allowed); the Allow header lists those it takes.",
     413: "The body is larger than MAX_CONTENT_LENGTH (body_too_large).",
     415: "The body is not sent as application/json (unsupported_media_type).",
@@ -34,7 +49,8 @@ ERROR_MEANINGS = {
     "credentials, or says genapi's account is out of quota (upstream_error, upstream_unavailable, "
     "upstream_bad_response, upstream_auth, upstream_quota_exceeded).",
     503: "The model server is rate-limiting or overloaded (upstream_rate_limited); retry after Retry-After seconds. "
-    "On /readyz: Redis does not answer (redis_unavailable).",
+    "On /readyz: Redis does not answer (redis_unavailable). In a stream's error event only: the server is "
+    "restarting and cut the stream short (server_shutting_down).",
     504: "The model server did not answer in time (upstream_timeout).",
 }
 RETRY_AFTER_STATUSES = (429, 503)
@@ -56,6 +72,8 @@ class Route:
     body: str | None = None  # the name of the request model, from the models create_app built
     auth: str | None = None  # None, "key" or "admin"
     description: str = ""
+    events: str | None = None  # how the route's text/event-stream answer reads, for a route that streams
+    bearer: bool = False  # the key may come as Authorization: Bearer, too
 
 
 ROUTES = [
@@ -63,12 +81,26 @@ ROUTES = [
         "/generate", "post", "Generate text from a prompt", GenerateResponse,
         errors=ALWAYS + KEYED + JSON_BODY + MODEL_CALL, body="GenerateRequest", auth="key",
         description="One prompt in, the model's text out. Types are strict and unknown fields are refused.",
+        events=GENERATE_EVENTS,
     ),
     Route(
         "/generate/batch", "post", "Generate text for several prompts", BatchResponse,
         errors=ALWAYS + KEYED + JSON_BODY + MODEL_CALL, body="BatchRequest", auth="key",
         description="The same options for every prompt; one result per prompt, in order, each a success or an "
         "error. Each prompt counts as one request against the key's rate limit.",
+    ),
+    Route(
+        "/v1/chat/completions", "post", "OpenAI's Chat Completions, streamed or not", "application/json",
+        errors=ALWAYS + KEYED + JSON_BODY + (404,) + MODEL_CALL, body="ChatCompletionRequest", auth="key",
+        bearer=True, events=CHAT_EVENTS,
+        description="For OpenAI's clients, with base_url <genapi>/v1. genapi checks the key, the model (ALLOWED_MODELS), "
+        "max_tokens and max_completion_tokens (MAX_TOKENS_LIMIT), the size of the messages and n; every other field "
+        "goes to the model server as sent, and its answer (a chat.completion) comes back as it sent it.",
+    ),
+    Route(
+        "/v1/models", "get", "The models this key may ask for, in OpenAI's shape", ModelList,
+        errors=ALWAYS + KEYED, auth="key", bearer=True,
+        description="ALLOWED_MODELS, or without it the default model, OPENAI_MODEL.",
     ),
     Route("/healthz", "get", "The process is up", HealthResponse, description="No key and no upstream call."),
     Route(
@@ -103,7 +135,8 @@ def build_openapi(request_models: dict[str, type[BaseModel]], allowed_models: li
         "components": {
             "schemas": schemas,
             "securitySchemes": {
-                SECURITY_SCHEME: {"type": "apiKey", "in": "header", "name": "X-API-KEY", "description": "A client key."}
+                SECURITY_SCHEME: {"type": "apiKey", "in": "header", "name": "X-API-KEY", "description": "A client key."},
+                BEARER_SCHEME: {"type": "http", "scheme": "bearer", "description": "A client key, on /v1 only."},
             },
             "headers": {
                 "X-Request-ID": {
@@ -146,7 +179,8 @@ def describe_allowed_models(schemas: dict, allowed_models: list[str]) -> None:
         if field:
             field["description"] = (
                 f"{field.get('description', '')} User keys may ask only for: {', '.join(allowed_models)} "
-                "(ALLOWED_MODELS; others get 422 model_not_allowed); admin keys may ask for any model."
+                "(ALLOWED_MODELS; others get 422 model_not_allowed, on /v1 404 model_not_found); admin keys may ask "
+                "for any model."
             ).strip()
 
 
@@ -157,13 +191,16 @@ def operation(route: Route) -> dict:
         content = {route.answer: {"schema": schema}}
     else:
         content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.answer.__name__}"}}}
+    if route.events:
+        content["text/event-stream"] = {"schema": {"type": "string", "description": route.events}}
+    security = [{SECURITY_SCHEME: []}] + ([{BEARER_SCHEME: []}] if route.bearer else []) if route.auth else []
     spec = {
         "summary": route.summary,
         "operationId": route.method + route.path.replace("/", "_").replace(".", "_"),
         "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
         "responses": {"200": {"description": "Success.", "headers": request_id, "content": content}}
         | {str(status): {"$ref": f"#/components/responses/{status}"} for status in sorted(route.errors)},
-        "security": [{SECURITY_SCHEME: []}] if route.auth else [],
+        "security": security,
     }
     if route.description:
         spec["description"] = route.description

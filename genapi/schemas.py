@@ -1,7 +1,7 @@
 """The request and response bodies, as pydantic models: they validate requests and shape every answer."""
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -57,6 +57,20 @@ class ErrorResponse(BaseModel):
     """Every error, whatever its status."""
 
     error: ErrorDetail
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """What GET /v1/models answers with, in OpenAI's shape: the models this key may ask for."""
+
+    object: Literal["list"]
+    data: list[ModelEntry]
 
 
 class BatchResponse(BaseModel):
@@ -126,7 +140,33 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
             min_length=1, max_length=batch_max_prompts, description="The texts to complete, answered in this order."
         )
 
-    return {"GenerateRequest": GenerateRequest, "BatchRequest": BatchRequest}
+    class ChatCompletionRequest(BaseModel):
+        """The body of POST /v1/chat/completions: OpenAI's, with only what genapi answers for checked here.
+
+        Every other field (tools, response_format, seed, stop, ...) goes to the model server as sent.
+        """
+
+        model_config = ConfigDict(extra="allow", strict=True)
+
+        messages: list[dict[str, Any]] = Field(
+            min_length=1, description=f"The conversation; at most {max_prompt_chars} characters of text in all."
+        )
+        model: Annotated[str, StringConstraints(min_length=1)] | None = Field(
+            default=None, description="Model to use; the default is OPENAI_MODEL."
+        )
+        max_tokens: WholeNumber | None = Field(
+            default=None, ge=1, le=max_tokens_limit,
+            description="Most tokens to generate; without it or max_completion_tokens, MAX_TOKENS_LIMIT.",
+        )
+        max_completion_tokens: WholeNumber | None = Field(default=None, ge=1, le=max_tokens_limit)
+        n: Literal[1] | None = Field(default=None, description="genapi answers with one choice.")
+        stream: bool | None = Field(default=None, description="Answer as OpenAI's stream of `data:` chunks.")
+        stream_options: dict[str, Any] | None = Field(
+            default=None, description="With include_usage: true, the stream ends with a usage chunk."
+        )
+
+    return {"GenerateRequest": GenerateRequest, "BatchRequest": BatchRequest,
+            "ChatCompletionRequest": ChatCompletionRequest}
 
 
 MAX_LISTED_PROBLEMS = 20
