@@ -1,6 +1,6 @@
 """genapi's benchmark: the Procfile's service against the fake upstream, loaded by wrk, in one run.
 
-    .venv/bin/python bench/run.py            # the full run, about 2 minutes; prints the table for the README
+    .venv/bin/python bench/run.py            # the full run, about 6 minutes; prints the table for the docs
     .venv/bin/python bench/run.py --quick    # every scenario for ~2 s with fewer clients; CI's smoke, asserts no speed
 
 It starts tests/fake_openai.py as its own process, then the service exactly as the Procfile does (same command, PORT
@@ -8,6 +8,9 @@ set, default configuration), drives POST /generate with wrk, and reads the CPU t
 processes (the gunicorn master and its workers) from /proc before and after each scenario. The instant-upstream
 scenarios run the same wrk against the fake upstream directly, in the same run, so their ratios hold on a noisy
 machine. The README's "Benchmark" section explains the numbers.
+
+The streaming scenarios (docs/benchmark-streaming.md) run a service of their own against bench/stream_upstream.py,
+paced or silent, loaded by bench/stream_load.js (Node.js), which times every event of every stream.
 """
 
 import argparse
