@@ -450,6 +450,10 @@ def silent_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstrea
         time.sleep(0.2)
     still_open, closed_after = upstream.stats()["silent_open"], time.monotonic() - left
 
+    if still_open:
+        closing = f"{still_open} of the model server's silent streams still open {closed_after:.1f} s after the clients left"
+    else:
+        closing = f"the model server's silent streams all closed {closed_after:.1f} s after the clients left"
     clients = plan.silent_clients
     expected = max(1, math.floor(plan.silent_hold_seconds / plan.heartbeat_seconds) - 1)
     growth = held["pss"] - idle_pss if held["samples"] else None
@@ -467,7 +471,7 @@ def silent_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstrea
         problems.append(f"first error: {numbers['error_samples'][0][:120]}")
     versus = (f"{numbers['held']}/{clients} held; heartbeats per client {numbers['heartbeats_min']} to "
               f"{numbers['heartbeats_max']} (at least {expected} expected); {memory}; {held['fds']} fds open in the "
-              f"service; upstream connections still open {closed_after:.1f} s after the clients left: {still_open}")  # fmt: skip
+              f"service; {closing}")  # fmt: skip
     numbers.update(idle_pss_mb=idle_pss, idle_rss_mb=idle_rss, held_pss_mb=held["pss"], held_fds=held["fds"],
                    upstream_still_open=still_open)  # fmt: skip
     name = f"{clients:,} streams, silent upstream, heartbeat every {plan.heartbeat_seconds:g} s, held {plan.silent_hold_seconds} s"
