@@ -429,16 +429,17 @@ def silent_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstrea
     """Many streams held open while the model says nothing: heartbeats only, and the memory they cost."""
     pid = service.process.pid
     idle_rss, idle_pss = memory_mb(pid)
-    held = {"samples": 0, "rss": 0.0, "pss": 0.0, "fds": 0}
+    held = {"samples": 0, "rss": 0.0, "pss": 0.0, "fds": 0, "fds_by_process": []}
 
     def sample():
         rss, pss = memory_mb(pid)
-        fds = 0
+        fds = []  # the master's, then each worker's: how the streams spread over the workers
         for process in tree_pids(pid):
             with contextlib.suppress(OSError):
-                fds += len(os.listdir(f"/proc/{process}/fd"))
-        held.update(samples=held["samples"] + 1, rss=max(held["rss"], rss), pss=max(held["pss"], pss),
-                    fds=max(held["fds"], fds))  # fmt: skip
+                fds.append(len(os.listdir(f"/proc/{process}/fd")))
+        held.update(samples=held["samples"] + 1, rss=max(held["rss"], rss), pss=max(held["pss"], pss))
+        if sum(fds) > held["fds"]:
+            held.update(fds=sum(fds), fds_by_process=fds)
 
     _, body, headers = STREAM_ROUTES["/generate"]
     numbers = stream_load(service.port, "/generate", body | {"prompt": SILENT_PROMPT}, "genapi", plan.silent_clients,
@@ -471,8 +472,8 @@ def silent_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstrea
         problems.append(f"first error: {numbers['error_samples'][0][:120]}")
     versus = (f"{numbers['held']}/{clients} held; heartbeats per client {numbers['heartbeats_min']} to "
               f"{numbers['heartbeats_max']} (at least {expected} expected); {memory}; {held['fds']} fds open in the "
-              f"service; {closing}")  # fmt: skip
-    numbers.update(idle_pss_mb=idle_pss, idle_rss_mb=idle_rss, held_pss_mb=held["pss"], held_fds=held["fds"],
+              f"service (master, workers: {', '.join(map(str, held['fds_by_process']))}); {closing}")  # fmt: skip
+    numbers.update(idle_pss_mb=idle_pss, idle_rss_mb=idle_rss, held_pss_mb=held["pss"], held_fds=held["fds_by_process"],
                    upstream_still_open=still_open)  # fmt: skip
     name = f"{clients:,} streams, silent upstream, heartbeat every {plan.heartbeat_seconds:g} s, held {plan.silent_hold_seconds} s"
     return Row(name, errors=numbers["errors"] + numbers["cut"], rss_mb=held["rss"] or None, versus=versus,
