@@ -24,11 +24,26 @@ GENERATE_EVENTS = (
     "with `:` are heartbeats, sent while the model is silent. An error before the first byte is the ordinary JSON "
     "error with its status."
 )
+GENERATE_EVENT = {
+    "type": "object",
+    "description": GENERATE_EVENTS,
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["delta", "done", "error"]},
+        "data": {"type": "string", "description": 'JSON: {"text"}, the success fields, or {"error": {...}}.'},
+    },
+}
 CHAT_EVENTS = (
     'With "stream": true, OpenAI\'s stream: `data: {chunk}` lines as the model server sent them, then '
     '`data: [DONE]`; a usage chunk only with stream_options.include_usage. If the stream fails after its first byte, '
     'one `data: {"error": {...}}` line and no [DONE]. Lines starting with `:` are heartbeats.'
 )
+CHAT_EVENT = {
+    "type": "object",
+    "description": CHAT_EVENTS,
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "JSON: a chat.completion.chunk, or [DONE], or {\"error\"}."}},
+}
 
 ERROR_MEANINGS = {
     400: "The body is not valid JSON or not a JSON object (invalid_json), or the model server refused the request "
@@ -72,7 +87,7 @@ class Route:
     body: str | None = None  # the name of the request model, from the models create_app built
     auth: str | None = None  # None, "key" or "admin"
     description: str = ""
-    events: str | None = None  # how the route's text/event-stream answer reads, for a route that streams
+    events: dict | None = None  # the schema of one event of the route's text/event-stream answer, if it streams
     bearer: bool = False  # the key may come as Authorization: Bearer, too
 
 
@@ -81,7 +96,7 @@ ROUTES = [
         "/generate", "post", "Generate text from a prompt", GenerateResponse,
         errors=ALWAYS + KEYED + JSON_BODY + MODEL_CALL, body="GenerateRequest", auth="key",
         description="One prompt in, the model's text out. Types are strict and unknown fields are refused.",
-        events=GENERATE_EVENTS,
+        events=GENERATE_EVENT,
     ),
     Route(
         "/generate/batch", "post", "Generate text for several prompts", BatchResponse,
@@ -92,7 +107,7 @@ ROUTES = [
     Route(
         "/v1/chat/completions", "post", "OpenAI's Chat Completions, streamed or not", "application/json",
         errors=ALWAYS + KEYED + JSON_BODY + (404,) + MODEL_CALL, body="ChatCompletionRequest", auth="key",
-        bearer=True, events=CHAT_EVENTS,
+        bearer=True, events=CHAT_EVENT,
         description="For OpenAI's clients, with base_url <genapi>/v1. genapi checks the key, the model (ALLOWED_MODELS), "
         "max_tokens and max_completion_tokens (MAX_TOKENS_LIMIT), the size of the messages and n; every other field "
         "goes to the model server as sent, and its answer (a chat.completion) comes back as it sent it.",
@@ -192,7 +207,8 @@ def operation(route: Route) -> dict:
     else:
         content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.answer.__name__}"}}}
     if route.events:
-        content["text/event-stream"] = {"schema": {"type": "string", "description": route.events}}
+        # Before OpenAPI 3.2's itemSchema, the schema of an event stream describes each of its events.
+        content["text/event-stream"] = {"schema": route.events}
     security = [{SECURITY_SCHEME: []}] + ([{BEARER_SCHEME: []}] if route.bearer else []) if route.auth else []
     spec = {
         "summary": route.summary,

@@ -140,6 +140,9 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
             min_length=1, max_length=batch_max_prompts, description="The texts to complete, answered in this order."
         )
 
+    # Inside the optional type, so that the document shows the bounds as JSON Schema's minimum and maximum.
+    TokenCount = Annotated[Annotated[int, Field(ge=1, le=max_tokens_limit)], BeforeValidator(_whole_float_to_int)]
+
     class ChatCompletionRequest(BaseModel):
         """The body of POST /v1/chat/completions: OpenAI's, with only what genapi answers for checked here.
 
@@ -154,11 +157,10 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
         model: Annotated[str, StringConstraints(min_length=1)] | None = Field(
             default=None, description="Model to use; the default is OPENAI_MODEL."
         )
-        max_tokens: WholeNumber | None = Field(
-            default=None, ge=1, le=max_tokens_limit,
-            description="Most tokens to generate; without it or max_completion_tokens, MAX_TOKENS_LIMIT.",
+        max_tokens: TokenCount | None = Field(
+            default=None, description="Most tokens to generate; without it or max_completion_tokens, MAX_TOKENS_LIMIT."
         )
-        max_completion_tokens: WholeNumber | None = Field(default=None, ge=1, le=max_tokens_limit)
+        max_completion_tokens: TokenCount | None = None
         n: Literal[1] | None = Field(default=None, description="genapi answers with one choice.")
         stream: bool | None = Field(default=None, description="Answer as OpenAI's stream of `data:` chunks.")
         stream_options: dict[str, Any] | None = Field(

@@ -319,7 +319,6 @@ class StreamRelay:
         return (_shutdown_at, SHUTDOWN) if _shutdown_at < bound else (bound, TIMEOUT)
 
     def _events(self):
-        done_seen = False
         while True:
             now = time.monotonic()
             bound, ending = self._bound()
@@ -335,14 +334,17 @@ class StreamRelay:
                     yield HEARTBEAT  # a client that went away makes this write fail, and the server close()s us
                 continue
             if kind == BATCH:
-                out, done_seen = self._read_batch(value, done_seen)
+                out, done_seen = self._read_batch(value)
+                if done_seen and self._ending is None:  # [DONE]: the answer is whole, whatever else the body holds
+                    self._ending = COMPLETED
+                    out += self._shape.done(self._model, self._finish_reason, self._settled_usage())
                 if out:
                     self._last_write = self._last_chunk_at
                     yield out
-                if self._ending is not None:  # the model server sent an error object
+                if self._ending is not None:  # completed, or the model server sent an error object
                     return
             elif kind == END or kind == BROKEN:
-                if kind == END and (done_seen or self._finish_reason is not None):
+                if kind == END and self._finish_reason is not None:  # a server that sends no [DONE]
                     self._ending = COMPLETED
                     yield self._shape.done(self._model, self._finish_reason, self._settled_usage())
                     return
@@ -357,7 +359,9 @@ class StreamRelay:
                 return
             # OPENED and WAKE: nothing to send; the loop works out the bound again.
 
-    def _read_batch(self, payloads: list[bytes], done_seen: bool) -> tuple[bytes, bool]:
+    def _read_batch(self, payloads: list[bytes]) -> tuple[bytes, bool]:
+        """What to send for one batch of the model server's payloads, and whether it held [DONE]."""
+        done_seen = False
         now = time.monotonic()
         if self._first_chunk_at is None:
             self._first_chunk_at = now
@@ -367,7 +371,7 @@ class StreamRelay:
         for payload in payloads:
             if payload == DONE:
                 done_seen = True
-                continue
+                break
             try:
                 chunk = json.loads(payload)
             except ValueError:
@@ -383,7 +387,7 @@ class StreamRelay:
             self._chunks += 1
             text = None
             choices = chunk.get("choices")
-            if choices and isinstance(choices[0], dict):
+            if isinstance(choices, list) and choices and isinstance(choices[0], dict):
                 choice = choices[0]
                 delta = choice.get("delta")
                 text = delta.get("content") if isinstance(delta, dict) else None
@@ -433,7 +437,8 @@ class StreamRelay:
         self._settled = True
         if self._ending is None:  # the generator was closed before the end: the client went away
             self._ending = CLIENT_DISCONNECTED
-        self._abort_upstream()
+        if self._ending != COMPLETED:  # a completed stream's reader reads to the end, and keeps the connection
+            self._abort_upstream()
         _live_relays.discard(self)
         usage = self._settled_usage()
         estimated = usage.get("estimated", False)

@@ -317,7 +317,9 @@ class FakeOpenAI:
         except ConnectionError:
             return self._abandoned()
         finally:
-            client_gone.cancel()
+            client_gone.cancel()  # and wait until it is: the next request's read must be the only one waiting
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await client_gone
 
     def _abandoned(self) -> bool:
         with self._stream_abandoned:

@@ -111,3 +111,21 @@ def test_every_error_code_genapi_gives_is_explained_in_the_openapi_document_and_
     for code in codes:
         assert f"({code}" in explained or f" {code}," in explained or f" {code})" in explained, code
         assert f"`{code}`" in errors_table, code
+
+
+def test_streaming_routes_declare_their_event_streams(client):
+    paths = document(client)["paths"]
+    generate = paths["/generate"]["post"]["responses"]["200"]["content"]
+    chat = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert set(generate) == set(chat) == {"application/json", "text/event-stream"}
+    assert generate["text/event-stream"]["schema"]["properties"]["event"]["enum"] == ["delta", "done", "error"]
+    assert "[DONE]" in chat["text/event-stream"]["schema"]["description"]
+
+
+def test_v1_routes_take_the_key_as_a_bearer_token_too(client):
+    spec = document(client)
+    assert spec["components"]["securitySchemes"]["Bearer"] == spec["components"]["securitySchemes"]["Bearer"] | {
+        "type": "http", "scheme": "bearer"}
+    for path, method in (("/v1/chat/completions", "post"), ("/v1/models", "get")):
+        assert spec["paths"][path][method]["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert spec["paths"]["/generate"]["post"]["security"] == [{"ApiKey": []}]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from app import create_app
 from genapi import metrics
@@ -178,6 +179,18 @@ def test_rate_limit_applies_to_streams(stream, fake_openai):
     assert response.status_code == 429 and response.get_json()["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_upstream_failure_before_the_first_byte_is_retried(stream, fake_openai):
+    fake_openai.then(Status(500))
+    _, events = stream(settings={"openai_max_retries": 1})
+    assert events[-1][0] == "done" and fake_openai.calls == 2
+
+
+def test_upstream_failure_after_the_first_byte_is_never_retried(stream, fake_openai):
+    fake_openai.then(Stream(cut_at=1))
+    _, events = stream(settings={"openai_max_retries": 1})
+    assert events[-1][0] == "error" and fake_openai.calls == 1
+
+
 def test_heartbeats_keep_the_stream_alive_while_the_model_is_silent(stream, fake_openai):
     fake_openai.then(Stream(silent_at=1, silence=1.0))
     _, events = stream(settings={"stream_heartbeat_seconds": 0.1})
@@ -296,3 +309,16 @@ def test_client_that_stops_reading_closes_the_upstream_stream(make_streaming_app
 def test_batch_takes_no_stream_field(client):
     response = client.post("/generate/batch", json={"prompts": ["a"], "stream": True}, headers={"X-API-KEY": ADMIN_KEY})
     assert response.status_code == 422 and response.get_json()["error"]["param"] == "stream"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"stream_heartbeat_seconds": 26}, "stream_heartbeat_seconds"),  # past Heroku's 30 s with no margin
+        ({"stream_max_seconds": 10}, "STREAM_MAX_SECONDS"),  # shorter than the first-token bound it contains
+        ({"stream_idle_timeout": 0}, "stream_idle_timeout"),
+    ],
+)
+def test_stream_bounds_that_cannot_hold_stop_start_up(overrides, named):
+    with pytest.raises(ValidationError, match=named):
+        make_settings(**overrides)
