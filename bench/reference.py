@@ -61,4 +61,6 @@ def sdk_stream_chunk_cpu_ms(base_url: str, streams: int = 100, concurrency: int 
         chunks = sum(pool.map(consume, range(streams)))
         cpu = time.process_time() - started
     client.close()
-    return cpu * 1000 / chunks if chunks else float("nan"), chunks
+    if not chunks:
+        raise SystemExit(f"the SDK's {streams} streams from {base_url} brought no chunk: is the streaming upstream up?")
+    return cpu * 1000 / chunks, chunks

@@ -22,7 +22,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -138,23 +137,12 @@ def memory_mb(root: int) -> tuple[float, float]:
     return rss / 2**20, pss / 2**20
 
 
-def wait_for_port(port: int, seconds: float = 10) -> None:
+def wait_for_200(url: str, seconds: float = 10, body: bytes | None = None) -> None:
+    """Until a GET (a POST, with a body) answers 200: an open port alone does not say the server is ready to answer."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
-
-
-def wait_for_200(url: str, seconds: float = 10) -> None:
-    """Until a GET answers 200: an open port alone does not say the server is ready to answer."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(url, data=body, timeout=1) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -492,15 +480,17 @@ def relayed_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstre
     for route, (stream_format, body, headers) in STREAM_ROUTES.items():
         cpu_before, chunks_before = cpu_seconds(pid, workers_only=True), upstream.stats()["chunks_sent"]
         ours_before, machine_before = cpu_seconds(pid) + cpu_seconds(upstream.process.pid), machine_cpu_seconds()
+        began = time.monotonic()
         numbers = stream_load(service.port, route, body, stream_format, clients, seconds, stagger, headers=headers)
+        wall = time.monotonic() - began
         numbers["worker_cpu_seconds"] = cpu_seconds(pid, workers_only=True) - cpu_before
         numbers["chunks_relayed"] = upstream.stats()["chunks_sent"] - chunks_before
         # How busy the machine was, and how much of that was not this benchmark: on a shared machine, latency
         # grows with what everything else runs.
         ours = cpu_seconds(pid) + cpu_seconds(upstream.process.pid) - ours_before + numbers["client_cpu_seconds"]
         busy = machine_cpu_seconds() - machine_before
-        numbers["machine_busy_cores"] = busy / numbers["seconds"]
-        numbers["others_busy_cores"] = max(0.0, busy - ours) / numbers["seconds"]
+        numbers["machine_busy_cores"] = busy / wall
+        numbers["others_busy_cores"] = max(0.0, busy - ours) / wall
         numbers["rss_mb"], numbers["pss_mb"] = memory_mb(pid)
         relayed[route] = numbers
     sdk_after = sdk_stream_chunk_cpu_ms(upstream.url, plan.sdk_streams, plan.sdk_concurrency)
@@ -561,7 +551,7 @@ def load_bare_flask(clients: int, seconds: float, workdir: Path) -> dict:
     with open(workdir / "reference.log", "wb") as log:
         server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for_port(port)
+            wait_for_200(f"http://127.0.0.1:{port}/", body=b"{}")
             wrk(port, "/", "{}", clients, 1)  # warm up
             return wrk(port, "/", "{}", clients, seconds)
         finally:
