@@ -235,15 +235,15 @@ def stream_load(port: int, path: str, body: dict, stream_format: str, clients: i
                 stagger: float = 0, hold: float = 0, headers: dict | None = None, while_all_open=None) -> dict:
     """One run of bench/stream_load.js: `clients` streams at a time, each event timestamped; its numbers.
 
-    With `hold`, every client opens one stream and hangs up after `hold` seconds; `while_all_open` is then called
-    about once a second while every stream is open (to sample the service's memory).
+    With `hold`, every client opens one stream and hangs up `hold` seconds after its headers came; `while_all_open`
+    is called about once a second from the moment every stream is open until the client ends (to sample memory).
     """
     load_plan = {"port": port, "path": path, "body": json.dumps(body), "clients": clients, "format": stream_format,
                  "seconds": seconds, "stagger_ms": round(stagger * 1000), "hold_seconds": hold,
                  "stream_timeout_seconds": 60, "headers": headers or {}}  # fmt: skip
     bound = stagger + seconds + hold + 60 + 30
     process = subprocess.Popen(["node", str(ROOT / "bench" / "stream_load.js"), json.dumps(load_plan)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     lines: list[str] = []
     all_open = threading.Event()
 
@@ -267,7 +267,7 @@ def stream_load(port: int, path: str, body: dict, stream_format: str, clients: i
     reader.join(5)
     line = next((ln for ln in lines if ln.startswith("BENCH ")), None)
     if process.returncode != 0 or line is None:
-        raise SystemExit(f"bench/stream_load.js failed ({process.returncode}):\n{''.join(lines)}\n{process.stderr.read()}")
+        raise SystemExit(f"bench/stream_load.js failed ({process.returncode}):\n{''.join(lines)}")
     return json.loads(line.removeprefix("BENCH "))
 
 
