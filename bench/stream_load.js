@@ -7,7 +7,8 @@
 // The plan: {"port", "path", "body", "headers", "clients", "format": "genapi" | "openai", "seconds", "stagger_ms",
 // "hold_seconds", "stream_timeout_seconds"}. Each client starts after a random 0..stagger_ms, so that streams do not
 // arrive in lock-step, then opens one stream after another until `seconds` have passed since the start, waiting for
-// each to end. With hold_seconds > 0 each client instead opens one stream and hangs up after hold_seconds, counting
+// each to end. With hold_seconds > 0 each client instead opens one stream and hangs up hold_seconds after its
+// headers came, counting
 // the heartbeats (SSE comments) it got; "ALL_OPEN" is printed once every stream has its headers. The last line is
 // "BENCH <JSON>": streams complete (their final event arrived), cut (the connection ended before it), errors, time
 // to first token (request sent to the first event carrying text) and the gaps between text events, in ms.
