@@ -8,10 +8,10 @@
 // "hold_seconds", "stream_timeout_seconds"}. Each client starts after a random 0..stagger_ms, so that streams do not
 // arrive in lock-step, then opens one stream after another until `seconds` have passed since the start, waiting for
 // each to end. With hold_seconds > 0 each client instead opens one stream and hangs up hold_seconds after its
-// headers came, counting
-// the heartbeats (SSE comments) it got; "ALL_OPEN" is printed once every stream has its headers. The last line is
-// "BENCH <JSON>": streams complete (their final event arrived), cut (the connection ended before it), errors, time
-// to first token (request sent to the first event carrying text) and the gaps between text events, in ms.
+// headers came, counting the heartbeats (SSE comments) it got; "ALL_OPEN" is printed once every stream has its
+// headers. The last line is "BENCH <JSON>": streams complete (their final event arrived), cut (the connection ended
+// before it), errors, time to first token (request sent to the first event carrying text) and the gaps between text
+// events, in ms.
 // It connects to 127.0.0.1 only, and every run is bounded: by `seconds` and each stream's timeout.
 "use strict";
 const http = require("http");
