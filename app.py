@@ -5,6 +5,10 @@ The path of a request: `generate()` below -> `authenticate()` (genapi.auth) -> `
 `complete()` -> `provider.complete()` (genapi.providers) -> JSON. Every failure on the way is an ApiError, which
 genapi.errors turns into the one error shape. Every answer then passes `finish_request()`, which counts it in the
 metrics (genapi.metrics) and writes its one JSON log line (genapi.logs).
+
+With "stream": true, `stream_answer()` hands the answer to a StreamRelay (genapi.streaming), which relays the
+model's stream as server-sent events and, when the stream ends, counts it and writes its log line itself. The
+OpenAI-compatible routes, /v1/chat/completions and /v1/models, are the blueprint in genapi.v1.
 """
 
 import functools
@@ -31,8 +35,8 @@ from genapi.logs import configure_logging, log_request, stream_record
 from genapi.openapi import build_openapi
 from genapi.providers import Completion, Generation, build_provider, chat_body
 from genapi.redis_state import RedisState
-from genapi.streaming import CachedStream, GenerateEvents, StreamLimits, StreamRelay, stream_response
 from genapi.schemas import HealthResponse, ReadyResponse, build_request_models, parse_body, read_body
+from genapi.streaming import CachedStream, GenerateEvents, StreamLimits, StreamRelay, stream_response
 
 log = logging.getLogger("genapi")
 

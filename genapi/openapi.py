@@ -143,7 +143,8 @@ def build_openapi(request_models: dict[str, type[BaseModel]], allowed_models: li
         "info": {
             "title": "genapi",
             "version": "1",
-            "description": "A generative-AI model behind one endpoint, POST /generate, with an X-API-KEY. Every "
+            "description": "A generative-AI model behind POST /generate (streamed or not) and OpenAI's own "
+            "contract at /v1, with an X-API-KEY (on /v1, or Authorization: Bearer). Every "
             "error has one shape, ErrorResponse; an unknown route is a 404 and a wrong method a 405, in that shape.",
         },
         "paths": paths,

@@ -411,7 +411,7 @@ class StreamRelay:
     def _end_with_error(self, ending: str, error: ApiError | None = None) -> bytes:
         if error is None and ending == SHUTDOWN:
             error = ApiError(503, "The server is restarting; the answer was cut short. Send the request again.",
-                             code="server_shutting_down")
+                             code="server_shutting_down", error_type="service_unavailable")
         elif error is None:
             waited = "first chunk" if self._first_chunk_at is None else "next chunk"
             error = ApiError(504, f"The model server did not send its {waited} in time.", code="upstream_timeout")
