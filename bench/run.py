@@ -1,6 +1,6 @@
 """genapi's benchmark: the Procfile's service against the fake upstream, loaded by wrk, in one run.
 
-    .venv/bin/python bench/run.py            # the full run, about 2 minutes; prints the table for docs/benchmark.md
+    .venv/bin/python bench/run.py            # the full run, about 7 minutes; prints the tables for docs/benchmark*.md
     .venv/bin/python bench/run.py --quick    # every scenario for ~2 s with fewer clients; CI's smoke, asserts no speed
 
 With PostgreSQL reachable (BENCH_POSTGRES_URL, default the local one), it runs the service again on a database of
@@ -11,9 +11,13 @@ set, default configuration), drives POST /generate with wrk, and reads the CPU t
 processes (the gunicorn master and its workers) from /proc before and after each scenario. The instant-upstream
 scenarios run the same wrk against the fake upstream directly, in the same run, so their ratios hold on a noisy
 machine. docs/benchmark.md explains the numbers.
+
+The streaming scenarios (docs/benchmark-streaming.md) run a service of their own against bench/stream_upstream.py,
+paced or silent, loaded by bench/stream_load.js (Node.js), which times every event of every stream.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -21,9 +25,9 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -32,7 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.reference import TARGET_MACHINE_BARE_FLASK_RPS, TARGET_MACHINE_SDK_CALL_CPU_MS, sdk_call_cpu_ms  # noqa: E402
+from bench.reference import (  # noqa: E402
+    TARGET_MACHINE_BARE_FLASK_RPS,
+    TARGET_MACHINE_SDK_CALL_CPU_MS,
+    sdk_call_cpu_ms,
+    sdk_stream_chunk_cpu_ms,
+)
 from tests.procfile import ProcfileService, free_port  # noqa: E402
 
 API_KEY = "bench-key-0123456789"
@@ -53,10 +62,22 @@ class Plan:
     instant_seconds: int = 10
     warmup_seconds: int = 2
     upstream_delay: float = 1.0
+    # Streams: each of 50 chunks, one every 50 ms (20 tokens/s), from bench/stream_upstream.py.
+    stream_clients: int = 200
+    stream_seconds: int = 20
+    stream_chunks: int = 50
+    stream_interval: float = 0.05
+    sdk_streams: int = 200  # the SDK's streaming yardstick: this many streams, sdk_concurrency at a time
+    sdk_concurrency: int = 50
+    silent_clients: int = 1000
+    silent_hold_seconds: int = 30
+    heartbeat_seconds: float = 5.0
 
 
 FULL = Plan()
-QUICK = Plan(slow_clients=(20, 50), busy_clients=8, seconds=2, instant_seconds=2, warmup_seconds=1, upstream_delay=0.2)
+QUICK = Plan(slow_clients=(20, 50), busy_clients=8, seconds=2, instant_seconds=2, warmup_seconds=1, upstream_delay=0.2,
+             stream_clients=20, stream_seconds=2, sdk_streams=10, sdk_concurrency=10, silent_clients=50,
+             silent_hold_seconds=3, heartbeat_seconds=1.0)  # fmt: skip
 
 
 @dataclass
@@ -93,16 +114,22 @@ def tree_pids(root: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(root: int) -> float:
-    """User plus system time of a process tree, in seconds."""
+def cpu_seconds(root: int, workers_only: bool = False) -> float:
+    """User plus system time of a process tree (or of the root's descendants only), in seconds."""
     total = 0
-    for pid in tree_pids(root):
+    for pid in tree_pids(root)[1 if workers_only else 0 :]:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
     return total / CLOCK_TICKS
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time all cores spent busy since boot (/proc/stat: every state but idle and iowait), in seconds."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 def memory_mb(root: int) -> tuple[float, float]:
@@ -118,15 +145,18 @@ def memory_mb(root: int) -> tuple[float, float]:
     return rss / 2**20, pss / 2**20
 
 
-def wait_for_port(port: int, seconds: float = 60) -> None:
+def wait_for_200(url: str, seconds: float = 10, body: bytes | None = None) -> None:
+    """Until a GET (a POST, with a body) answers 200: an open port alone does not say the server is ready to answer."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
+            with urllib.request.urlopen(url, data=body, timeout=1) as response:
+                if response.status == 200:
+                    return
         except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer 200 within {seconds:g} s")
 
 
 def wait_until_answers(port: int, path: str, body: str, api_key: str = "", seconds: float = 120) -> None:
@@ -158,13 +188,32 @@ class FakeUpstream:
         self._log = open(log_path, "ab")
         command = [sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--port", str(port), "--delay", str(delay)]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for_port(port)
         wait_until_answers(port, "/v1/chat/completions", DIRECT_BODY)
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
         self._log.close()
+
+
+class StreamUpstream(FakeUpstream):
+    """bench/stream_upstream.py in its own process: paced OpenAI streams, or silent ones."""
+
+    def __init__(self, port: int, chunks: int, interval: float, log_path: Path):
+        self.port = port
+        self._log = open(log_path, "ab")
+        command = [sys.executable, str(ROOT / "bench" / "stream_upstream.py"), "--port", str(port),
+                   "--chunks", str(chunks), "--interval", str(interval)]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for_200(f"http://127.0.0.1:{port}/healthz")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as response:
+            return json.loads(response.read())
 
 
 # -- load ----------------------------------------------------------------------------------------------------------
@@ -210,6 +259,46 @@ def load_service(service: ProcfileService, clients: int, seconds: float, stagger
 
 def load_direct(upstream: FakeUpstream, clients: int, seconds: float) -> dict:
     return wrk(upstream.port, "/v1/chat/completions", DIRECT_BODY, clients, seconds)
+
+
+def stream_load(port: int, path: str, body: dict, stream_format: str, clients: int, seconds: float = 0,
+                stagger: float = 0, hold: float = 0, headers: dict | None = None, while_all_open=None) -> dict:
+    """One run of bench/stream_load.js: `clients` streams at a time, each event timestamped; its numbers.
+
+    With `hold`, every client opens one stream and hangs up `hold` seconds after its headers came; `while_all_open`
+    is called about once a second from the moment every stream is open until the client ends (to sample memory).
+    """
+    load_plan = {"port": port, "path": path, "body": json.dumps(body), "clients": clients, "format": stream_format,
+                 "seconds": seconds, "stagger_ms": round(stagger * 1000), "hold_seconds": hold,
+                 "stream_timeout_seconds": 60, "headers": headers or {}}  # fmt: skip
+    bound = stagger + seconds + hold + 60 + 30
+    process = subprocess.Popen(["node", str(ROOT / "bench" / "stream_load.js"), json.dumps(load_plan)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines: list[str] = []
+    all_open = threading.Event()
+
+    def read_lines():
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("ALL_OPEN"):
+                all_open.set()
+
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + bound
+    while process.poll() is None and time.monotonic() < deadline:
+        if while_all_open and all_open.is_set():
+            while_all_open()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(1)
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    reader.join(5)
+    line = next((ln for ln in lines if ln.startswith("BENCH ")), None)
+    if process.returncode != 0 or line is None:
+        raise SystemExit(f"bench/stream_load.js failed ({process.returncode}):\n{''.join(lines)}")
+    return json.loads(line.removeprefix("BENCH "))
 
 
 # -- scenarios -----------------------------------------------------------------------------------------------------
@@ -425,6 +514,185 @@ def budget_row(speed: float, calls: int) -> Row:
                versus=f"{cpu_ms / speed:.3f} ms on the targets' machine", target=verdicts(cpu_ms, 0.3, speed))
 
 
+# -- streaming scenarios -------------------------------------------------------------------------------------------
+SILENT_PROMPT = f"{PROMPT} [silent]"  # bench/stream_upstream.py answers it with headers, then nothing
+DIRECT_STREAM_BODY = json.loads(DIRECT_BODY) | {"stream": True, "stream_options": {"include_usage": True}}
+# The two streaming routes, as a client sends to each: the format of their events, their body, their key.
+STREAM_ROUTES = {
+    "/generate": ("genapi", json.loads(SERVICE_BODY) | {"stream": True}, {"X-API-KEY": API_KEY}),
+    "/v1/chat/completions": ("openai", DIRECT_STREAM_BODY, {"Authorization": f"Bearer {API_KEY}"}),
+}
+
+
+def ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+def added(through: float | None, direct: float | None) -> float | None:
+    return None if through is None or direct is None else through - direct
+
+
+def at_most(value: float | None, limit: float) -> bool:
+    return value is not None and value <= limit
+
+
+def run_streaming(plan: Plan, workdir: Path) -> list[Row]:
+    """The streaming scenarios: a service of their own, against bench/stream_upstream.py, and that upstream directly."""
+    upstream = StreamUpstream(free_port(), plan.stream_chunks, plan.stream_interval, workdir / "stream_upstream.log")
+    env = {
+        "API_KEYS": f"bench:{API_KEY}",
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": upstream.url,
+        "OPENAI_MODEL": "fake-model",
+        "RATE_LIMIT": "1000000/second",
+        "WEB_CONCURRENCY": "2",
+        # Short, so that every client of the silent scenario gets several in its hold.
+        "STREAM_HEARTBEAT_SECONDS": f"{plan.heartbeat_seconds:g}",
+    }
+    service = ProcfileService(env, workdir / "stream_service.log")
+    rows: list[Row] = []
+    try:
+        service.wait_until_healthy()
+        for route, (stream_format, body, headers) in STREAM_ROUTES.items():  # warm: each worker, each route
+            stream_load(service.port, route, body, stream_format, 4, seconds=0.1, headers=headers)
+        rows.append(silent_streams(plan, service, upstream))
+        rows.extend(relayed_streams(plan, service, upstream))
+    finally:
+        service.terminate()
+        upstream.stop()
+    return rows
+
+
+def silent_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstream) -> Row:
+    """Many streams held open while the model says nothing: heartbeats only, and the memory they cost."""
+    pid = service.process.pid
+    idle_rss, idle_pss = memory_mb(pid)
+    held = {"samples": 0, "rss": 0.0, "pss": 0.0, "fds": 0, "fds_by_process": []}
+
+    def sample():
+        rss, pss = memory_mb(pid)
+        fds = []  # the master's, then each worker's: how the streams spread over the workers
+        for process in tree_pids(pid):
+            with contextlib.suppress(OSError):
+                fds.append(len(os.listdir(f"/proc/{process}/fd")))
+        held.update(samples=held["samples"] + 1, rss=max(held["rss"], rss), pss=max(held["pss"], pss))
+        if sum(fds) > held["fds"]:
+            held.update(fds=sum(fds), fds_by_process=fds)
+
+    _, body, headers = STREAM_ROUTES["/generate"]
+    numbers = stream_load(service.port, "/generate", body | {"prompt": SILENT_PROMPT}, "genapi", plan.silent_clients,
+                          stagger=min(2.0, plan.silent_hold_seconds / 4), hold=plan.silent_hold_seconds,
+                          headers=headers, while_all_open=sample)  # fmt: skip
+    # The clients have hung up: each stream must close its upstream connection at its next heartbeat at the latest.
+    left = time.monotonic()
+    while upstream.stats()["silent_open"] and time.monotonic() - left < 2 * plan.heartbeat_seconds + 5:
+        time.sleep(0.2)
+    still_open, closed_after = upstream.stats()["silent_open"], time.monotonic() - left
+
+    if still_open:
+        closing = f"{still_open} of the model server's silent streams still open {closed_after:.1f} s after the clients left"
+    else:
+        closing = f"the model server's silent streams all closed {closed_after:.1f} s after the clients left"
+    clients = plan.silent_clients
+    expected = max(1, math.floor(plan.silent_hold_seconds / plan.heartbeat_seconds) - 1)
+    growth = held["pss"] - idle_pss if held["samples"] else None
+    problems = []
+    if numbers["errors"] or numbers["cut"] or numbers["held"] != clients:
+        problems.append(f"{numbers['held']} of {clients} held to the end, {numbers['errors']} errors, {numbers['cut']} cut")
+    if numbers["heartbeats_min"] is None or numbers["heartbeats_min"] < expected:
+        problems.append(f"a client got {numbers['heartbeats_min']} heartbeats")
+    if growth is None:
+        problems.append("memory not sampled: the streams were never all open at once")
+    elif growth > 100:
+        problems.append(f"memory +{growth:.0f} MB")
+    memory = "n/a" if growth is None else f"PSS sum {idle_pss:.0f} MB idle, {held['pss']:.0f} MB holding them (+{growth:.0f})"
+    if numbers["error_samples"]:
+        problems.append(f"first error: {numbers['error_samples'][0][:120]}")
+    versus = (f"{numbers['held']}/{clients} held; heartbeats per client {numbers['heartbeats_min']} to "
+              f"{numbers['heartbeats_max']} (at least {expected} expected); {memory}; {held['fds']} fds open in the "
+              f"service (master, workers: {', '.join(map(str, held['fds_by_process']))}); {closing}")  # fmt: skip
+    numbers.update(idle_pss_mb=idle_pss, idle_rss_mb=idle_rss, held_pss_mb=held["pss"], held_fds=held["fds_by_process"],
+                   upstream_still_open=still_open)  # fmt: skip
+    name = f"{clients:,} streams, silent upstream, heartbeat every {plan.heartbeat_seconds:g} s, held {plan.silent_hold_seconds} s"
+    return Row(name, errors=numbers["errors"] + numbers["cut"], rss_mb=held["rss"] or None, versus=versus,
+               target="MISSES: " + "; ".join(problems) if problems else "meets", extra=numbers)  # fmt: skip
+
+
+def relayed_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstream) -> list[Row]:
+    """Streams at the model's pace, directly and through each route; the workers' CPU per relayed chunk."""
+    pid = service.process.pid
+    clients, seconds = plan.stream_clients, plan.stream_seconds
+    stagger = min(seconds, plan.stream_chunks * plan.stream_interval)  # over one stream's length: no lock-step
+    shape = f"{clients} streams of {plan.stream_chunks} chunks at {1 / plan.stream_interval:g}/s, {seconds} s"
+    sdk_before = sdk_stream_chunk_cpu_ms(upstream.url, plan.sdk_streams, plan.sdk_concurrency)
+    direct = stream_load(upstream.port, "/v1/chat/completions", DIRECT_STREAM_BODY, "openai", clients, seconds, stagger)
+    relayed = {}
+    for route, (stream_format, body, headers) in STREAM_ROUTES.items():
+        cpu_before, chunks_before = cpu_seconds(pid, workers_only=True), upstream.stats()["chunks_sent"]
+        ours_before, machine_before = cpu_seconds(pid) + cpu_seconds(upstream.process.pid), machine_cpu_seconds()
+        began = time.monotonic()
+        numbers = stream_load(service.port, route, body, stream_format, clients, seconds, stagger, headers=headers)
+        wall = time.monotonic() - began
+        numbers["worker_cpu_seconds"] = cpu_seconds(pid, workers_only=True) - cpu_before
+        numbers["chunks_relayed"] = upstream.stats()["chunks_sent"] - chunks_before
+        # How busy the machine was, and how much of that was not this benchmark: on a shared machine, latency
+        # grows with what everything else runs.
+        ours = cpu_seconds(pid) + cpu_seconds(upstream.process.pid) - ours_before + numbers["client_cpu_seconds"]
+        busy = machine_cpu_seconds() - machine_before
+        numbers["machine_busy_cores"] = busy / wall
+        numbers["others_busy_cores"] = max(0.0, busy - ours) / wall
+        numbers["rss_mb"], numbers["pss_mb"] = memory_mb(pid)
+        relayed[route] = numbers
+    sdk_after = sdk_stream_chunk_cpu_ms(upstream.url, plan.sdk_streams, plan.sdk_concurrency)
+    sdk_chunk_ms = (sdk_before[0] + sdk_after[0]) / 2
+
+    rows = [stream_row(f"{shape}: direct to upstream", direct, f"gap p99 {ms(direct['gap_ms']['p99'])}")]
+    for route, numbers in relayed.items():
+        first_token = added(numbers["first_token_ms"]["p99"], direct["first_token_ms"]["p99"])
+        gap = added(numbers["gap_ms"]["p99"], direct["gap_ms"]["p99"])
+        problems = []
+        if not at_most(first_token, 50):
+            problems.append("first token")
+        if not at_most(gap, 25):
+            problems.append("gap")
+        if numbers["errors"] or numbers["cut"] or numbers["complete"] != numbers["streams"] or not numbers["streams"]:
+            problems.append("errors or incomplete streams")
+        busy = f"{numbers['machine_busy_cores']:.2f} of {os.cpu_count()} cores busy, {numbers['others_busy_cores']:.2f} by other programs"
+        rows.append(stream_row(f"{shape}: through genapi {route}", numbers,
+                               f"first token p99 {signed(first_token)}, gap p99 {signed(gap)} over direct; {busy}",
+                               "MISSES: " + ", ".join(problems) if problems else "meets"))  # fmt: skip
+    for route, numbers in relayed.items():
+        chunks, cpu = numbers["chunks_relayed"], numbers["worker_cpu_seconds"]
+        per_chunk = cpu * 1000 / chunks if chunks else None
+        ratio = per_chunk / sdk_chunk_ms if per_chunk is not None and sdk_chunk_ms > 0 else None
+        if ratio is None:
+            versus, target = f"n/a: {chunks} chunks relayed, SDK {sdk_chunk_ms:.3f} ms per chunk", "MISSES: nothing to divide"
+        else:
+            versus = (f"{per_chunk:.3f} ms per chunk = {ratio:.2f}x the SDK's {sdk_chunk_ms:.3f} ms "
+                      f"({cpu:.2f} s of CPU for {chunks:,} chunks)")  # fmt: skip
+            target = verdict(ratio <= 0.6)
+        rows.append(Row(f"CPU per relayed chunk, genapi's workers, {route}", cpu_ms_per_request=per_chunk,
+                        rss_mb=numbers["rss_mb"], versus=versus, target=target, extra=numbers))  # fmt: skip
+    rows.append(Row("yardstick: the SDK consuming streams in-process, CPU per chunk (before, after)", cpu_ms_per_request=sdk_chunk_ms,
+                    versus=f"{sdk_before[0]:.3f} and {sdk_after[0]:.3f} ms; {plan.sdk_streams} streams, "
+                           f"{plan.sdk_concurrency} at a time in threads, {sdk_before[1]:,} chunks each time"))  # fmt: skip
+    return rows
+
+
+def signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f} ms"
+
+
+def stream_row(scenario: str, numbers: dict, versus: str, target: str = "") -> Row:
+    """A row of streams: completed streams per second, time to first token p50 and p99, errors and cut streams."""
+    complete = f"{numbers['complete']}/{numbers['streams']} complete, {numbers['cut']} cut"
+    if numbers["error_samples"]:
+        complete += f"; first error: {numbers['error_samples'][0][:120]}"
+    return Row(scenario, numbers["complete"] / numbers["seconds"] if numbers["seconds"] else None,
+               numbers["first_token_ms"]["p50"], numbers["first_token_ms"]["p99"], numbers["errors"] + numbers["cut"],
+               rss_mb=numbers.get("rss_mb"), versus=f"{versus}; {complete}", target=target, extra=numbers)  # fmt: skip
+
+
 def load_bare_flask(clients: int, seconds: float, workdir: Path) -> dict:
     """wrk against bench/reference.py's one-line route, served with the Procfile service's worker class and count."""
     port = free_port()
@@ -433,7 +701,6 @@ def load_bare_flask(clients: int, seconds: float, workdir: Path) -> dict:
     with open(workdir / "reference.log", "wb") as log:
         server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for_port(port)
             wait_until_answers(port, "/", "{}")
             wrk(port, "/", "{}", clients, 1)  # warm up
             return wrk(port, "/", "{}", clients, seconds)
@@ -476,19 +743,27 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every scenario for ~2 s with fewer clients (CI's smoke)")
+    parser.add_argument("--streaming-only", action="store_true", help="only the streaming scenarios (their yardstick included)")
     args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk (Debian/Ubuntu)")
-    # 500 clients need 500 sockets in wrk and ~1000 in the service; the limit is inherited by every process started here.
+    if shutil.which("node") is None:
+        raise SystemExit("Node.js is not installed; the streaming scenarios' client is bench/stream_load.js")
+    # 1,000 held streams need 1,000 sockets in the client, ~2,000 in the service (each stream's client and upstream
+    # connections) and 1,000 in the upstream; the limit is inherited by every process started here.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 4 * plan.silent_clients + 1000
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise SystemExit(f"the open-files limit is {hard}; the streaming scenarios need {needed} (ulimit -Hn)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     workdir = ROOT / "bench" / "results"
     workdir.mkdir(exist_ok=True)
     header = f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {machine()}"
-    plan = QUICK if args.quick else FULL
-    rows = run(plan, workdir)
-    rows += run_with_postgres(plan, workdir, rows)
+    rows = [] if args.streaming_only else run(plan, workdir)
+    rows += [] if args.streaming_only else run_with_postgres(plan, workdir, rows)
+    rows += run_streaming(plan, workdir)
     if args.quick:  # a smoke: the targets are for the full run's sizes and lengths
         for r in rows:
             r.target = ""
