@@ -2,9 +2,11 @@
 where it stands in GET /v1/usage."""
 
 import json
+import logging
 import time
 
 import pytest
+from sqlalchemy import text
 
 from genapi.budget_periods import period_bounds
 from genapi.budgets import prompt_tokens_estimate
@@ -142,3 +144,16 @@ def test_v1_usage_shows_a_keys_own_budget_and_null_for_a_key_without_one(db_app)
     budget = client.get("/v1/usage", headers={"X-API-KEY": own["key"]}).get_json()["budget"]
     assert (budget["limit"], budget["period"], budget["remaining"]) == (300, "hour", 300)
     assert client.get("/v1/usage", headers={"X-API-KEY": unlimited["key"]}).get_json()["budget"] is None
+
+
+def test_a_budget_in_the_database_that_is_not_one_counts_as_unset_and_is_logged(db_app, caplog):
+    app = db_app(token_budget="1000/day")
+    client = app.test_client()
+    created = create(client, token_budget="none")
+    with app.extensions["genapi"]["database"].engine.begin() as connection:  # as a hand-made edit would leave it
+        connection.execute(text("UPDATE api_keys SET token_budget = 'lots' WHERE id = :id"), {"id": created["id"]})
+    app.extensions["genapi"]["keys"].database_keys.forget(created["id"])
+    with caplog.at_level(logging.WARNING, logger="genapi"):
+        answered = call(client, created["key"])
+    assert (answered.status_code, answered.headers["X-Budget-Limit"]) == (200, "1000")
+    assert any("token_budget that is not one" in record.getMessage() for record in caplog.records)
