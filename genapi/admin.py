@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from sqlalchemy import select
 
 from genapi.auth import authenticate
+from genapi.budget_periods import PERIODS, parse_key_budget
 from genapi.errors import ApiError
 from genapi.keys import Client, new_database_key, new_secret, utc_now
 from genapi.models import ApiKey, AuditEntry
@@ -34,6 +35,16 @@ def _check_rate_limit(value: str | None) -> str | None:
     return value
 
 
+def _check_token_budget(value: str | None) -> str | None:
+    """Budget.parse's notation, or `none`; kept as it reads back (`50000/day`), whatever spelling was sent."""
+    if value is not None:
+        try:
+            value = str(parse_key_budget(value))
+        except ValueError:
+            raise ValueError("is not a token budget; write it like 50000/day (per minute, hour, day or month), or none") from None
+    return value
+
+
 def _as_utc(value: datetime | None) -> datetime | None:
     """A time with a zone -> naive UTC, as the database keeps it; a time without one is taken as UTC."""
     if value is not None and value.tzinfo is not None:
@@ -49,6 +60,14 @@ KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 RateLimit = Annotated[
     str, StringConstraints(min_length=1, max_length=100, pattern=RATE_LIMIT_PATTERN), AfterValidator(_check_rate_limit)
 ]
+TOKEN_BUDGET_PATTERN = f"^(none|[1-9][0-9]{{0,11}}/({'|'.join(PERIODS)})s?)$"
+TokenBudget = Annotated[
+    str, StringConstraints(max_length=32, pattern=TOKEN_BUDGET_PATTERN), AfterValidator(_check_token_budget)
+]
+TOKEN_BUDGET_DESCRIPTION = (
+    "The key's own token budget, tokens per calendar period in UTC (50000/day; minute, hour, day or month), or "
+    "none for no budget at all; null: TOKEN_BUDGET (ADMIN_TOKEN_BUDGET for an admin key)."
+)
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Moment = Annotated[datetime, AfterValidator(_as_utc)]
 
@@ -65,6 +84,7 @@ class KeyCreate(BaseModel):
         default=None, max_length=100, description="The key's own models; null: ALLOWED_MODELS."
     )
     expires_at: Moment | None = Field(default=None, description="When the key stops working (ISO 8601).")
+    token_budget: TokenBudget | None = Field(default=None, description=TOKEN_BUDGET_DESCRIPTION)
 
 
 class KeyUpdate(BaseModel):
@@ -76,6 +96,7 @@ class KeyUpdate(BaseModel):
     rate_limit: RateLimit | None = None
     allowed_models: list[ModelName] | None = Field(default=None, max_length=100)
     expires_at: Moment | None = None
+    token_budget: TokenBudget | None = Field(default=None, description=TOKEN_BUDGET_DESCRIPTION)
 
 
 class KeyRotate(BaseModel):
@@ -101,6 +122,7 @@ class KeyView(BaseModel):
     status: Literal["active", "expired", "revoked"]
     rate_limit: str | None
     allowed_models: list[str] | None
+    token_budget: str | None = Field(description=TOKEN_BUDGET_DESCRIPTION)
     expires_at: str | None
     revoked_at: str | None
     created_at: str | None
@@ -152,6 +174,7 @@ def key_view(row: ApiKey, now: datetime | None = None) -> dict:
         "status": status,
         "rate_limit": row.rate_limit,
         "allowed_models": row.allowed_models,
+        "token_budget": row.token_budget,
         "expires_at": iso(row.expires_at),
         "revoked_at": iso(row.revoked_at),
         "created_at": iso(row.created_at),
@@ -168,6 +191,7 @@ def environment_view(client: Client) -> dict:
         "status": "active",
         "rate_limit": None,
         "allowed_models": None,
+        "token_budget": None,
         "expires_at": None,
         "revoked_at": None,
         "created_at": None,
@@ -218,7 +242,8 @@ def create_key(sessions, actor: str, fields: KeyCreate) -> dict:
     with sessions.begin() as session:
         row = ApiKey(
             id=key_id, name=fields.name, role=fields.role, secret_digest=secret_digest, rate_limit=fields.rate_limit,
-            allowed_models=fields.allowed_models, expires_at=fields.expires_at, created_at=now, updated_at=now,
+            allowed_models=fields.allowed_models, token_budget=fields.token_budget, expires_at=fields.expires_at,
+            created_at=now, updated_at=now,
         )
         session.add(row)
         view = key_view(row, now)

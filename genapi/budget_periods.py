@@ -29,6 +29,25 @@ class Budget:
         return cls(int(amount), period)
 
 
+class NoBudget:
+    """A key's own budget of `none`: no budget at all, over TOKEN_BUDGET and ADMIN_TOKEN_BUDGET."""
+
+    def __str__(self) -> str:
+        return NO_BUDGET_TEXT
+
+    def __repr__(self) -> str:
+        return "NO_BUDGET"
+
+
+NO_BUDGET_TEXT = "none"
+NO_BUDGET = NoBudget()
+
+
+def parse_key_budget(text: str) -> Budget | NoBudget:
+    """A key's own budget: `none`, or a budget in Budget's notation."""
+    return NO_BUDGET if text.strip().lower() == NO_BUDGET_TEXT else Budget.parse(text)
+
+
 def period_bounds(period: str, now: float) -> tuple[str, int]:
     """The calendar period in UTC holding `now`: its name (the same on every instance) and when it ends (Unix time)."""
     moment = datetime.fromtimestamp(now, timezone.utc)

@@ -22,7 +22,7 @@ from flask import Flask, current_app, g
 
 from config import UPSTREAM_BUDGET_SECONDS
 from genapi import metrics
-from genapi.budget_periods import Budget, period_bounds
+from genapi.budget_periods import Budget, NoBudget, period_bounds
 from genapi.errors import ApiError
 from genapi.redis_state import REDIS_RECHECK_SECONDS, RedisState
 
@@ -227,7 +227,10 @@ class Budgets:
         return self.user is not None or self.admin is not None
 
     def of(self, client) -> Budget | None:
-        """The client's budget: its own (a key's `budget`, when it has one), else the admins' or everyone's."""
+        """The client's budget: its own (a key's `budget`, when it has one, `none` included), else the admins' or
+        everyone's."""
+        if isinstance(client.budget, NoBudget):
+            return None
         if client.budget is not None:
             return client.budget
         return self.admin if client.is_admin else self.user

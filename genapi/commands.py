@@ -94,13 +94,14 @@ def _models(value: str | None) -> list[str] | None:
 @click.option("--rate-limit", help="The key's own limit, such as 100/minute; default RATE_LIMIT.")
 @click.option("--allowed-models", help="The key's own models, comma-separated; default ALLOWED_MODELS.")
 @click.option("--expires-at", help="When the key stops working, ISO 8601 (2027-01-31T00:00:00Z).")
-def create_database_key(name, admin, rate_limit, allowed_models, expires_at) -> None:
+@click.option("--token-budget", help='The key\'s own token budget, such as 50000/day, or "none"; default TOKEN_BUDGET.')
+def create_database_key(name, admin, rate_limit, allowed_models, expires_at, token_budget) -> None:
     """Create a key; print it as JSON, its whole key under "key", this once."""
     from genapi.admin import KeyCreate, create_key
 
     fields = _validated(
         KeyCreate, name=name, role="admin" if admin else "user", rate_limit=rate_limit,
-        allowed_models=_models(allowed_models), expires_at=expires_at,
+        allowed_models=_models(allowed_models), expires_at=expires_at, token_budget=token_budget,
     )
     _print(create_key(_sessions(), CLI_ACTOR, fields))
 
@@ -131,11 +132,13 @@ def show_database_key(key_id) -> None:
 @click.option("--rate-limit", help='The key\'s own limit; "" goes back to RATE_LIMIT.')
 @click.option("--allowed-models", help='Comma-separated; "" goes back to ALLOWED_MODELS.')
 @click.option("--expires-at", help='ISO 8601; "" means never.')
-def update_database_key(key_id, name, rate_limit, allowed_models, expires_at) -> None:
+@click.option("--token-budget", help='Such as 50000/day, or "none" for no budget; "" goes back to TOKEN_BUDGET.')
+def update_database_key(key_id, name, rate_limit, allowed_models, expires_at, token_budget) -> None:
     """Change a key's name or limits; an option given as "" clears it."""
     from genapi.admin import KeyUpdate, update_key
 
-    given = {"name": name, "rate_limit": rate_limit, "allowed_models": allowed_models, "expires_at": expires_at}
+    given = {"name": name, "rate_limit": rate_limit, "allowed_models": allowed_models, "expires_at": expires_at,
+             "token_budget": token_budget}
     fields = {field: (value or None) for field, value in given.items() if value is not None}
     if "allowed_models" in fields:
         fields["allowed_models"] = _models(fields["allowed_models"])

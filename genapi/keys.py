@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from cachetools import LRUCache
 from sqlalchemy.exc import SQLAlchemyError
 
-from genapi.budget_periods import Budget
+from genapi.budget_periods import Budget, NoBudget, parse_key_budget
 
 HASH_PREFIX = "sha256:"
 DATABASE_KEY_PREFIX = "gk_"
@@ -39,7 +39,8 @@ class Client:
     key_id: str | None = None  # a database key's public id; None for a key from API_KEYS or ADMIN_API_KEYS
     rate_limit: str | None = None  # the key's own limit, over RATE_LIMIT (and ADMIN_RATE_LIMIT)
     allowed_models: tuple[str, ...] | None = None  # the key's own list, over ALLOWED_MODELS
-    budget: Budget | None = None  # the key's own token budget; None: TOKEN_BUDGET (ADMIN_TOKEN_BUDGET for admins)
+    # The key's own token budget, or NO_BUDGET for none at all; None: TOKEN_BUDGET (ADMIN_TOKEN_BUDGET for admins).
+    budget: Budget | NoBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class StoredKey:
     allowed_models: tuple[str, ...] | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    token_budget: Budget | NoBudget | None = None
 
     def __repr__(self) -> str:  # never the digests
         return f"StoredKey({self.id}, {self.name!r})"
@@ -131,7 +133,7 @@ class StoredKey:
             raise KeyRefused("key_revoked")
         if self.expires_at is not None and now >= self.expires_at:
             raise KeyRefused("key_expired")
-        return Client(self.name, self.role == "admin", self.id, self.rate_limit, self.allowed_models)
+        return Client(self.name, self.role == "admin", self.id, self.rate_limit, self.allowed_models, self.token_budget)
 
 
 class DatabaseKeys:
@@ -207,8 +209,19 @@ class DatabaseKeys:
             return StoredKey(
                 row.id, row.name, row.role, row.secret_digest, row.previous_secret_digest, row.previous_valid_until,
                 row.rate_limit, tuple(row.allowed_models) if row.allowed_models is not None else None,
-                row.expires_at, row.revoked_at,
+                row.expires_at, row.revoked_at, key_budget(row),
             )
+
+
+def key_budget(row) -> Budget | NoBudget | None:
+    """A row's own token budget; one the admin API could not have written (edited by hand) counts as unset."""
+    if row.token_budget is None:
+        return None
+    try:
+        return parse_key_budget(row.token_budget)
+    except ValueError:
+        log.warning("keys: key %s has a token_budget that is not one; TOKEN_BUDGET applies to it", row.id)
+        return None
 
 
 def utc_now() -> datetime:

@@ -30,6 +30,8 @@ class ApiKey(Base):
     previous_valid_until: Mapped[datetime | None] = mapped_column(DateTime)
     rate_limit: Mapped[str | None] = mapped_column(String(100))  # None: RATE_LIMIT (or ADMIN_RATE_LIMIT) applies
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON)  # None: ALLOWED_MODELS applies
+    # "50000/day", or "none" for no budget at all; None: TOKEN_BUDGET (or ADMIN_TOKEN_BUDGET) applies.
+    token_budget: Mapped[str | None] = mapped_column(String(32))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime)

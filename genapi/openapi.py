@@ -191,7 +191,7 @@ ROUTES = [
     Route(
         "/admin/keys/{key_id}", "patch", "Change a key's name or limits", KeyView,
         errors=ADMIN + JSON_BODY + (404, 409), body="KeyUpdate", auth="admin", parameters=(KEY_ID,),
-        description="Only the fields given change; null clears rate_limit, allowed_models or expires_at.",
+        description="Only the fields given change; null clears rate_limit, allowed_models, token_budget or expires_at.",
     ),
     Route(
         "/admin/keys/{key_id}", "delete", "Revoke a key", KeyView, errors=ADMIN + (404, 409), auth="admin",

@@ -22,12 +22,14 @@ from datetime import date, datetime, time, timedelta
 from typing import Literal
 
 from flask import Blueprint, current_app, g, jsonify, request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from genapi import metrics
 from genapi.auth import authenticate
+from genapi.budget_periods import period_bounds
+from genapi.budgets import budgets
 from genapi.errors import ApiError
 from genapi.keys import utc_now
 from genapi.models import UsageRow
@@ -226,11 +228,22 @@ class UsageReport(BaseModel):
     totals: UsageTotals
 
 
+class BudgetView(BaseModel):
+    """Where the calling key's token budget stands now."""
+
+    limit: int = Field(description="The budget's tokens per period.")
+    period: Literal["minute", "hour", "day", "month"] = Field(description="Its calendar period, in UTC.")
+    remaining: int | None = Field(description="Tokens left this period, after what requests in flight hold; null "
+                                  "while Redis cannot be read.")
+    reset: int = Field(description="When the period ends and the budget resets, as Unix time (X-Budget-Reset).")
+
+
 class OwnUsage(UsageReport):
-    """What GET /v1/usage answers with: the calling key's own usage, by day and model."""
+    """What GET /v1/usage answers with: the calling key's own usage, by day and model, and its token budget."""
 
     key_name: str
     key_id: str | None
+    budget: BudgetView | None = Field(description="The key's token budget now; null when it has none.")
 
 
 def day_range() -> tuple[date, date]:
@@ -318,4 +331,15 @@ def own_usage():
     start, end = day_range()
     sessions = current_app.extensions["genapi"]["database"].session
     report = totals(sessions, start, end, ("model", "day"), client.name, client.key_id, only_key=True)
-    return jsonify({"key_name": client.name, "key_id": client.key_id} | report)
+    return jsonify({"key_name": client.name, "key_id": client.key_id} | report | {"budget": budget_view(client)})
+
+
+def budget_view(client) -> dict | None:
+    """The key's budget as it stands, as the X-Budget-* headers would say it; None when it has no budget."""
+    budget = budgets().of(client)
+    if budget is None:
+        return None
+    state = budgets().state(client)  # None while Redis cannot be read
+    reset = state.reset_at if state else period_bounds(budget.period, datetime.now().timestamp())[1]
+    return {"limit": budget.tokens, "period": budget.period, "remaining": state.remaining if state else None,
+            "reset": reset}

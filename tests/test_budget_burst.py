@@ -1,4 +1,5 @@
-"""A key's token budget under a burst: two instances of two gunicorn workers each, on one Redis, never overrun it.
+"""A key's token budget under a burst: two instances of two gunicorn workers each, on one Redis and one PostgreSQL,
+never overrun it, and the usage ledger ends up charging the key exactly what Redis charged its budget.
 
 Every request reserves 150 tokens and the fake upstream reports 121: the upstream holds each admitted call until
 the test releases it, so each round shows exactly which requests the budget could cover while they were in flight.
@@ -14,7 +15,7 @@ import redis
 
 from genapi.budget_periods import period_bounds
 from genapi.budgets import prompt_tokens_estimate
-from tests.conftest import USER_KEY
+from tests.conftest import ADMIN_KEY, USER_KEY
 from tests.fake_openai import HOLD, Stream, completion_body
 from tests.test_scale_out import call, start_instances  # noqa: F401 (a fixture)
 from tests.test_streaming_server import events_of
@@ -29,25 +30,39 @@ REAL_USAGE = WORDS + WORDS + 1  # the fake counts the prompt's words, then answe
 CUT_STREAM_ESTIMATE = -(-len(BURST_PROMPT) // 4) + -(-len("echo:") // 4)
 
 
-def budget_counts(redis_settings) -> tuple[int, int]:
-    """(spent, held) of alice's budget today, as every instance sees it in Redis."""
+def budget_counts(redis_settings, name: str = "alice") -> tuple[int, int]:
+    """(spent, held) of the key's budget today, as every instance sees it in Redis."""
     period = period_bounds("day", time.time())[0]
-    key = f"{redis_settings['redis_key_prefix']}budget:alice:day:{period}"
+    key = f"{redis_settings['redis_key_prefix']}budget:{name}:day:{period}"
     spent, held = redis.Redis.from_url(redis_settings["redis_url"]).hmget(key, "spent", "held")
     return int(spent or 0), int(held or 0)
 
 
-def start_two_instances(start_instances, redis_settings, **env):
-    return start_instances(2, token_budget=f"{BUDGET}/day", rate_limit="100000/minute", **redis_settings, **env)
+def start_two_instances(start_instances, redis_settings, database_url, **env):
+    env = {"token_budget": f"{BUDGET}/day", "rate_limit": "100000/minute"} | env
+    return start_instances(2, **redis_settings, database_url=database_url, **env)
+
+
+def usage_after_shutdown(instances, reader, key: str, key_id: str) -> tuple[dict, dict]:
+    """Stop every instance with SIGTERM, which writes each worker's last ledger rows; then the key's totals in
+    GET /admin/usage, which must equal those of its own GET /v1/usage, and the budget that GET /v1/usage shows."""
+    for instance in instances:
+        assert instance.terminate() == 0, instance.output()
+    client = reader.test_client()  # one more instance, on the same database and Redis
+    by_admin = client.get(f"/admin/usage?key_id={key_id}&group_by=key", headers={"X-API-KEY": ADMIN_KEY})
+    own = client.get("/v1/usage", headers={"X-API-KEY": key})
+    assert by_admin.status_code == own.status_code == 200
+    assert own.get_json()["totals"] == by_admin.get_json()["totals"]
+    return by_admin.get_json()["totals"], own.get_json()["budget"]
 
 
 @pytest.mark.timeout(300)  # two instances to start on a busy machine, then several rounds
-def test_a_burst_never_overruns_the_budget_and_refuses_only_what_it_cannot_cover(
-    start_instances, fake_openai, redis_settings
+def test_a_burst_never_overruns_the_budget_refuses_only_what_it_cannot_cover_and_the_ledger_agrees(
+    start_instances, fake_openai, redis_settings, migrated_postgres_url, make_app
 ):
-    instances = start_two_instances(start_instances, redis_settings)
+    instances = start_two_instances(start_instances, redis_settings, migrated_postgres_url)
     body = {"prompt": BURST_PROMPT, "max_tokens": MAX_TOKENS}
-    spent, burst, admitted_in_all = 0, 200, 0
+    spent, burst, admitted_in_all, sent = 0, 200, 0, 0
     with ThreadPoolExecutor(max_workers=200) as pool:
         while True:
             coverable = (BUDGET - spent) // RESERVATION
@@ -64,6 +79,7 @@ def test_a_burst_never_overruns_the_budget_and_refuses_only_what_it_cannot_cover
             fake_openai.release()
             answers = [future.result() for future in futures]
             fake_openai.hold_again()
+            sent += burst
             statuses = [status for status, _, _ in answers]
             assert statuses.count(200) == coverable
             refused = [body for status, _, body in answers if status != 200]
@@ -80,13 +96,24 @@ def test_a_burst_never_overruns_the_budget_and_refuses_only_what_it_cannot_cover
     assert reported == spent == admitted_in_all * REAL_USAGE
     assert spent <= BUDGET
     assert BUDGET - spent < RESERVATION  # once settled, the budget covered every request it could
+    # One ledger row per request, a refused one with no tokens: the ledger charged alice what Redis charged her budget.
+    reader = make_app(database_url=migrated_postgres_url, token_budget=f"{BUDGET}/day", **redis_settings)
+    totals, budget = usage_after_shutdown(instances, reader, USER_KEY, "env-alice")
+    assert totals["requests"] == sent
+    assert totals["total_tokens"] == budget_counts(redis_settings)[0] == spent
+    assert (budget["limit"], budget["remaining"]) == (BUDGET, BUDGET - spent)
 
 
 @pytest.mark.timeout(300)
-def test_a_burst_of_streams_some_cut_by_the_client_charges_each_its_own_usage_once(
-    start_instances, fake_openai, redis_settings
+def test_a_burst_of_streams_some_cut_by_the_client_charges_each_its_own_usage_once_and_the_ledger_agrees(
+    start_instances, fake_openai, redis_settings, migrated_postgres_url, make_app
 ):
-    instances = start_two_instances(start_instances, redis_settings, stream_heartbeat_seconds=0.2)
+    # A database key with its own budget; TOKEN_BUDGET, too small for any of these streams, is not its budget.
+    instances = start_two_instances(start_instances, redis_settings, migrated_postgres_url,
+                                    token_budget=f"{RESERVATION - 1}/day", stream_heartbeat_seconds=0.2)
+    status, _, created = call(instances[0].url, "/admin/keys", {"name": "streams", "token_budget": f"{BUDGET}/day"},
+                              key=ADMIN_KEY)
+    assert status == 201, created
     coverable = BUDGET // RESERVATION
     burst = coverable + 20
     fake_openai.then(*[Stream(hold_at=1)] * coverable)  # each admitted stream sends "echo:", then waits
@@ -99,7 +126,7 @@ def test_a_burst_of_streams_some_cut_by_the_client_charges_each_its_own_usage_on
     def stream(position: int) -> None:
         with httpx2.Client(timeout=120) as client:
             url = f"{instances[position % 2].url}/generate"
-            with client.stream("POST", url, json=body, headers={"X-API-KEY": USER_KEY}) as response:
+            with client.stream("POST", url, json=body, headers={"X-API-KEY": created["key"]}) as response:
                 if response.status_code != 200:
                     response.read()
                     with progress:
@@ -140,6 +167,13 @@ def test_a_burst_of_streams_some_cut_by_the_client_charges_each_its_own_usage_on
     assert (completed + cut, refused) == (coverable, burst - coverable)
     # Each stream settles in its worker as it ends; the last may still be settling when its client has read done.
     deadline = time.monotonic() + 30
-    while budget_counts(redis_settings)[1] and time.monotonic() < deadline:
+    while budget_counts(redis_settings, "streams")[1] and time.monotonic() < deadline:
         time.sleep(0.05)  # settling happens in other processes: there is nothing here to wait on but Redis
-    assert budget_counts(redis_settings) == (completed * REAL_USAGE + cut * CUT_STREAM_ESTIMATE, 0)
+    spent = completed * REAL_USAGE + cut * CUT_STREAM_ESTIMATE
+    assert budget_counts(redis_settings, "streams") == (spent, 0)
+    # Each stream's ledger row is written at its end with what it was charged, a cut one with its estimate.
+    reader = make_app(database_url=migrated_postgres_url, **redis_settings)
+    totals, budget = usage_after_shutdown(instances, reader, created["key"], created["id"])
+    assert totals["requests"] == burst
+    assert totals["total_tokens"] == budget_counts(redis_settings, "streams")[0] == spent
+    assert (budget["limit"], budget["remaining"]) == (BUDGET, BUDGET - spent)
