@@ -1,6 +1,6 @@
 """genapi's OpenAI-compatible /v1 with the official openai SDK: a chat completion, then the same streamed.
 
-    GENAPI_KEY=... python examples/chat.py ["your prompt"]
+    GENAPI_KEY=... .venv/bin/python examples/chat.py ["your prompt"]
 
 Nothing here is genapi's own: any code written for OpenAI works with base_url=<genapi>/v1 and a genapi key.
 """

@@ -1,7 +1,7 @@
 """POST /generate with httpx: one prompt in, the model's text out; an error answer raises, with its message.
 
     pip install httpx
-    GENAPI_KEY=... python examples/generate.py ["your prompt"]
+    GENAPI_KEY=... .venv/bin/python examples/generate.py ["your prompt"]
 """
 
 import os
