@@ -284,6 +284,15 @@ def load_settings(serving: bool = True, **overrides) -> Settings:
 
 # Where development keys are kept: the .env file that Settings reads, in the directory the server starts in.
 DEVELOPMENT_KEYS_FILE = Path(".env")
+# Written beside the development keys: the fuzzer sends keyless and invalid requests on purpose, which the
+# per-address limits would otherwise lock out, and newman reads the token budget's headers. Only the offline mock
+# is behind these keys, so the looser limits guard nothing.
+DEVELOPMENT_SETTINGS = {
+    "AUTH_FAILURE_LIMIT": "10000/minute",
+    "INVALID_REQUEST_LIMIT": "10000/minute",
+    "TOKEN_BUDGET": "1000000/day",
+    "ADMIN_TOKEN_BUDGET": "none",
+}
 
 
 def with_development_keys(settings: Settings, overrides: dict) -> Settings:
@@ -300,6 +309,12 @@ def with_development_keys(settings: Settings, overrides: dict) -> Settings:
         made["ADMIN_API_KEYS"] = f"dev-admin:{secrets.token_urlsafe(24)}"
         if not settings.admin_rate_limit:
             made["ADMIN_RATE_LIMIT"] = "none"
+    # What the README's contract tools need of a local server, where the settings are still their defaults.
+    made |= {
+        variable: value
+        for variable, value in DEVELOPMENT_SETTINGS.items()
+        if getattr(settings, variable.lower()) == Settings.model_fields[variable.lower()].default
+    }
     with DEVELOPMENT_KEYS_FILE.open("a", encoding="utf-8") as dotenv:
         dotenv.write(
             "\n# Development keys of the mock provider, made by genapi on its first start with no API_KEYS; kept here\n"

@@ -67,7 +67,7 @@ class Plan:
     stream_seconds: int = 20
     stream_chunks: int = 50
     stream_interval: float = 0.05
-    sdk_streams: int = 200  # the SDK's streaming yardstick: this many streams, sdk_concurrency at a time
+    sdk_streams: int = 200  # the SDK's streaming reference: this many streams, sdk_concurrency at a time
     sdk_concurrency: int = 50
     silent_clients: int = 1000
     silent_hold_seconds: int = 30
@@ -673,7 +673,7 @@ def relayed_streams(plan: Plan, service: ProcfileService, upstream: StreamUpstre
             target = verdict(ratio <= 0.6)
         rows.append(Row(f"CPU per relayed chunk, genapi's workers, {route}", cpu_ms_per_request=per_chunk,
                         rss_mb=numbers["rss_mb"], versus=versus, target=target, extra=numbers))  # fmt: skip
-    rows.append(Row("yardstick: the SDK consuming streams in-process, CPU per chunk (before, after)", cpu_ms_per_request=sdk_chunk_ms,
+    rows.append(Row("reference: the SDK consuming streams in-process, CPU per chunk (before, after)", cpu_ms_per_request=sdk_chunk_ms,
                     versus=f"{sdk_before[0]:.3f} and {sdk_after[0]:.3f} ms; {plan.sdk_streams} streams, "
                            f"{plan.sdk_concurrency} at a time in threads, {sdk_before[1]:,} chunks each time"))  # fmt: skip
     return rows
@@ -743,7 +743,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every scenario for ~2 s with fewer clients (CI's smoke)")
-    parser.add_argument("--streaming-only", action="store_true", help="only the streaming scenarios (their yardstick included)")
+    parser.add_argument("--streaming-only", action="store_true", help="only the streaming scenarios (their reference included)")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     if shutil.which("wrk") is None:

@@ -178,7 +178,8 @@ def record_request(status: int, seconds: float) -> None:
         return
     completion = g.get("completion")
     current_app.extensions["genapi"]["ledger"].record(
-        request_id=g.request_id, key_name=client.name, key_id=client.key_id, route=request.url_rule.rule, model=model,
+        request_id=g.request_id, key_name=client.name, key_id=client.key_id, route=request.url_rule.rule,
+        model=completion.model if completion else model,  # the model that answered, as the answer names it
         prompt_tokens=completion.prompt_tokens if completion else 0,
         completion_tokens=completion.completion_tokens if completion else 0,
         cached=g.get("cached", False), status=status, error_code=g.get("error_code"), duration_ms=seconds * 1000,

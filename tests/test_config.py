@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from config import Settings, load_settings, worst_case_upstream_seconds
+from config import DEVELOPMENT_SETTINGS, Settings, load_settings, worst_case_upstream_seconds
 from genapi.require_python import require_python
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def development_keys(settings) -> tuple[str, str]:
 
 def restart(monkeypatch) -> None:
     """A new process: what the last one put in its environment is gone, .env stays."""
-    for variable in ("API_KEYS", "ADMIN_API_KEYS", "ADMIN_RATE_LIMIT"):
+    for variable in ("API_KEYS", "ADMIN_API_KEYS", "ADMIN_RATE_LIMIT", *DEVELOPMENT_SETTINGS):
         monkeypatch.delenv(variable, raising=False)
 
 
@@ -128,6 +128,21 @@ def test_the_development_admin_key_is_not_rate_limited_unless_admin_rate_limit_s
     (clean_env / ".env").unlink()
     monkeypatch.setenv("ADMIN_RATE_LIMIT", "5/minute")
     assert load_settings().admin_rate_limit == "5/minute"
+
+
+def test_a_development_server_lets_the_contract_tools_through_and_shows_budgets(clean_env, monkeypatch):
+    settings = load_settings()
+    assert settings.auth_failure_limit == settings.invalid_request_limit == "10000/minute"
+    assert str(settings.token_budget) == "1000000/day"
+    restart(monkeypatch)
+    assert str(load_settings().token_budget) == "1000000/day"  # from .env, after a restart
+
+
+def test_development_settings_leave_what_the_developer_set(clean_env, monkeypatch):
+    monkeypatch.setenv("AUTH_FAILURE_LIMIT", "5/minute")
+    settings = load_settings()
+    assert settings.auth_failure_limit == "5/minute" and settings.invalid_request_limit == "10000/minute"
+    assert "AUTH_FAILURE_LIMIT" not in (clean_env / ".env").read_text()
 
 
 def test_only_admin_keys_on_the_mock_provider_still_get_a_development_client_key(clean_env, monkeypatch, capsys):

@@ -38,6 +38,13 @@ def test_each_answered_request_writes_one_row_with_its_tokens_and_never_its_prom
     assert "A secret prompt." not in repr(row) and body["response"] not in repr(row)
 
 
+def test_a_row_names_the_model_that_answered(db_app):
+    app = db_app(llm_provider="mock")  # asked for the default model, answered by the mock
+    assert app.test_client().post("/generate", json={"prompt": "Hi."}, headers=USER).get_json()["model"] == "mock"
+    [row] = rows(app)
+    assert row["model"] == "mock"
+
+
 def test_a_request_refused_before_the_model_writes_no_row(db_app):
     app = db_app()
     client = app.test_client()
