@@ -76,6 +76,16 @@ def test_max_tokens_defaults_to_the_limit_and_other_fields_pass_through_unchange
     assert sent["response_format"] == {"type": "json_object"} and sent["made_up_field"] == {"kept": [1, 2]}
 
 
+def test_a_large_body_of_more_fields_than_genapi_checks_passes_through(sdk, fake_openai):
+    # Over the size at which /generate counts unknown fields before pydantic: /v1 takes them all the same.
+    others = {"temperature": 0.5, "top_p": 0.9, "presence_penalty": 0.1, "frequency_penalty": 0.2, "seed": 7,
+              "user": "u" * 3000, "metadata": {"team": "search"}, "logprobs": False}
+    completion = sdk.chat.completions.create(model="test-model", messages=MESSAGES, **others)
+    assert completion.choices[0].message.content == "echo: Say hi"
+    sent = fake_openai.requests[-1]["body"]
+    assert {name: sent[name] for name in others} == others
+
+
 def test_answer_comes_back_as_the_model_server_sent_it(make_sdk, fake_openai):
     sdk = make_sdk()
     response = sdk.post("/chat/completions", body={"model": "test-model", "messages": MESSAGES}, cast_to=httpx2.Response)
