@@ -111,6 +111,15 @@ def test_model_the_key_may_not_use_is_not_found_with_no_upstream_call(sdk, fake_
     assert fake_openai.calls == 0
 
 
+@pytest.mark.parametrize("cap", ["max_tokens", "max_completion_tokens"])
+def test_a_whole_float_token_cap_is_the_integer_json_schema_says_it_is_and_goes_upstream_as_one(sdk, fake_openai, cap):
+    response = sdk.post("/chat/completions", body={"model": "test-model", "messages": MESSAGES, cap: 10.0},
+                        cast_to=httpx2.Response)
+    assert response.status_code == 200
+    sent = fake_openai.requests[-1]["body"][cap]
+    assert (sent, type(sent)) == (10, int)
+
+
 def test_admin_key_may_use_any_model(make_sdk, fake_openai):
     make_sdk(api_key=ADMIN_KEY).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert fake_openai.requests[-1]["body"]["model"] == "gpt-4o"
