@@ -168,9 +168,12 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
             default=None, description="Model to use; the default is OPENAI_MODEL."
         )
         max_tokens: TokenCount | None = Field(
-            default=None, description="Most tokens to generate; without it or max_completion_tokens, MAX_TOKENS_LIMIT."
+            default=None, description="Most tokens to generate; without it or max_completion_tokens, MAX_TOKENS_LIMIT. "
+            "An integer as JSON Schema counts one: 10.0 is sent on as 10.",
         )
-        max_completion_tokens: TokenCount | None = None
+        max_completion_tokens: TokenCount | None = Field(
+            default=None, description="OpenAI's newer name for max_tokens, checked and sent on the same way."
+        )
         n: Literal[1] | None = Field(default=None, description="genapi answers with one choice.")
         stream: bool | None = Field(default=None, description="Answer as OpenAI's stream of `data:` chunks.")
         stream_options: dict[str, Any] | None = Field(
