@@ -168,9 +168,12 @@ def build_request_models(max_prompt_chars: int, max_tokens_limit: int, batch_max
             default=None, description="Model to use; the default is OPENAI_MODEL."
         )
         max_tokens: TokenCount | None = Field(
-            default=None, description="Most tokens to generate; without it or max_completion_tokens, MAX_TOKENS_LIMIT."
+            default=None, description="Most tokens to generate; without it or max_completion_tokens, MAX_TOKENS_LIMIT. "
+            "An integer as JSON Schema counts one: 10.0 is sent on as 10.",
         )
-        max_completion_tokens: TokenCount | None = None
+        max_completion_tokens: TokenCount | None = Field(
+            default=None, description="OpenAI's newer name for max_tokens, checked and sent on the same way."
+        )
         n: Literal[1] | None = Field(default=None, description="genapi answers with one choice.")
         stream: bool | None = Field(default=None, description="Answer as OpenAI's stream of `data:` chunks.")
         stream_options: dict[str, Any] | None = Field(
@@ -191,11 +194,14 @@ def param_name(location: tuple) -> str:
 
 
 def unknown_fields(model: type[BaseModel], raw: bytes) -> list[str] | None:
-    """The names of a large body's fields that the model does not know, if it has more fields than the model.
+    """The names of a large body's fields that the model does not know, if it forbids them and has fewer.
 
     Found with the C JSON parser before pydantic, which builds an error for every unknown field: a 1 MB body of
-    80,000 of them cost a gevent worker a third of a second of CPU.
+    80,000 of them cost a gevent worker a third of a second of CPU. A model that allows unknown fields
+    (ChatCompletionRequest: OpenAI's other fields go upstream as sent) has none to refuse.
     """
+    if model.model_config.get("extra") != "forbid":
+        return None
     if len(raw) < LARGE_BODY_BYTES:  # a small body cannot hold enough fields to matter
         return None
     try:

@@ -47,8 +47,11 @@ def read_chat_request(client) -> dict:
     """The body as the upstream will get it: checked where genapi is responsible, with the model and a token cap."""
     settings: Settings = state("settings")
     raw = read_body()
-    parse_body(state("ChatCompletionRequest"), raw)  # 400 or 422 for what genapi checks; the body goes on as sent
-    body = json.loads(raw)
+    checked = parse_body(state("ChatCompletionRequest"), raw)  # 400 or 422 for what genapi checks
+    body = json.loads(raw)  # the body goes on as sent, but for the token caps it read
+    for cap in ("max_tokens", "max_completion_tokens"):
+        if body.get(cap) is not None:  # 10.0 is the integer 10 (JSON Schema's count), sent on as 10
+            body[cap] = getattr(checked, cap)
     messages = body["messages"]
     characters = sum(len(message_text(message.get("content"))) for message in messages)
     if characters > settings.max_prompt_chars:

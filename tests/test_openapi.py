@@ -5,12 +5,16 @@ import re
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
+from app import create_app
 from genapi.docs_page import PAGE_ROUTES
 from genapi.errors import ERROR_TYPES, HTTP_ERROR_CODES
 from genapi.openapi import ERROR_MEANINGS
-from tests.conftest import USER_KEY
+from tests.conftest import USER_KEY, make_settings
+from tests.fake_openai import Stream
+from tests.test_streaming import FAST
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,3 +150,36 @@ def test_v1_routes_take_the_key_as_a_bearer_token_too(client):
     for path, method in (("/v1/chat/completions", "post"), ("/v1/models", "get")):
         assert spec["paths"][path][method]["security"] == [{"ApiKey": []}, {"Bearer": []}]
     assert spec["paths"]["/generate"]["post"]["security"] == [{"ApiKey": []}]
+
+
+def events_as_read(text: str) -> list[dict]:
+    """An event stream as an SSE client reads it (WHATWG): comments skipped, `event` "message" when absent."""
+    events = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        fields = [line.split(":", 1) for line in lines]
+        event = {"event": "message", "data": "\n".join(value.removeprefix(" ") for name, value in fields if name == "data")}
+        event |= {name: value.removeprefix(" ") for name, value in fields if name not in ("data", "")}
+        events.append(event)
+    return events
+
+
+@pytest.mark.parametrize("ending", ["done", "error"])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/generate", {"prompt": "Say hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi"}]})],
+)
+def test_every_event_of_a_stream_matches_the_documents_event_schema(fake_openai, path, body, ending):
+    app = create_app(make_settings(openai_base_url=fake_openai.base_url, **FAST))
+    client = app.test_client()
+    fake_openai.then(Stream(error_at=2) if ending == "error" else Stream())
+    response = client.post(path, json=body | {"stream": True}, headers={"X-API-KEY": USER_KEY})
+    assert response.mimetype == "text/event-stream"
+    events = events_as_read(response.get_data(as_text=True))
+    schema = document(client)["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    validator = Draft202012Validator(schema)
+    assert len(events) > 2 and [event for event in events if not validator.is_valid(event)] == []
+    last = json.loads(events[-1]["data"]) if events[-1]["data"] != "[DONE]" else "[DONE]"
+    assert ("error" in last) == (ending == "error")

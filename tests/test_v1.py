@@ -76,6 +76,16 @@ def test_max_tokens_defaults_to_the_limit_and_other_fields_pass_through_unchange
     assert sent["response_format"] == {"type": "json_object"} and sent["made_up_field"] == {"kept": [1, 2]}
 
 
+def test_a_large_body_of_more_fields_than_genapi_checks_passes_through(sdk, fake_openai):
+    # Over the size at which /generate counts unknown fields before pydantic: /v1 takes them all the same.
+    others = {"temperature": 0.5, "top_p": 0.9, "presence_penalty": 0.1, "frequency_penalty": 0.2, "seed": 7,
+              "user": "u" * 3000, "metadata": {"team": "search"}, "logprobs": False}
+    completion = sdk.chat.completions.create(model="test-model", messages=MESSAGES, **others)
+    assert completion.choices[0].message.content == "echo: Say hi"
+    sent = fake_openai.requests[-1]["body"]
+    assert {name: sent[name] for name in others} == others
+
+
 def test_answer_comes_back_as_the_model_server_sent_it(make_sdk, fake_openai):
     sdk = make_sdk()
     response = sdk.post("/chat/completions", body={"model": "test-model", "messages": MESSAGES}, cast_to=httpx2.Response)
@@ -99,6 +109,15 @@ def test_model_the_key_may_not_use_is_not_found_with_no_upstream_call(sdk, fake_
         sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert raised.value.code == "model_not_found" and raised.value.param == "model"
     assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize("cap", ["max_tokens", "max_completion_tokens"])
+def test_a_whole_float_token_cap_is_the_integer_json_schema_says_it_is_and_goes_upstream_as_one(sdk, fake_openai, cap):
+    response = sdk.post("/chat/completions", body={"model": "test-model", "messages": MESSAGES, cap: 10.0},
+                        cast_to=httpx2.Response)
+    assert response.status_code == 200
+    sent = fake_openai.requests[-1]["body"][cap]
+    assert (sent, type(sent)) == (10, int)
 
 
 def test_admin_key_may_use_any_model(make_sdk, fake_openai):
