@@ -14,13 +14,14 @@ import json
 import logging
 import math
 import queue
+import select
 import socket
 import threading
 import time
 import weakref
 from dataclasses import dataclass
 
-from flask import Response, g
+from flask import Response, g, request
 
 from genapi import metrics
 from genapi.errors import ApiError
@@ -31,6 +32,7 @@ from genapi.upstream_values import model_name, upstream_id, usage_count
 log = logging.getLogger("genapi")
 
 HEARTBEAT = b": keep-alive\n\n"
+OPENING = b": open\n\n"  # a comment sent with the headers, as soon as the model server has answered its status
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies such as nginx must not buffer it
 SSE_MEDIA_TYPE = "text/event-stream"
 DONE = b"[DONE]"
@@ -235,6 +237,8 @@ class StreamRelay:
         self._settled = False
         self._generator = self._relay()
         self._iterating = False
+        self._opened = False  # the model server answered with a success status before the first byte
+        self._client_socket = None  # the client's connection, to see a hang-up before a heartbeat (watch_client)
 
     # -- the view's side, in the request -------------------------------------------------------------------------
     def start(self) -> None:
@@ -256,7 +260,7 @@ class StreamRelay:
             return
         if kind == FAILED:
             raise value
-        # OPENED: the status is a success; the stream's first chunk comes through the queue.
+        self._opened = True  # the status is a success; the stream's first chunk comes through the queue
 
     def release_reservation(self) -> None:
         """The call was refused before the stream's first byte: it cost nothing."""
@@ -265,6 +269,10 @@ class StreamRelay:
 
     def wake(self) -> None:
         self._queue.put((WAKE, None))
+
+    def watch_client(self, client_socket) -> None:
+        """The client's socket (gunicorn's), checked before each heartbeat; None (a test client) skips the check."""
+        self._client_socket = client_socket
 
     def response(self) -> Response:
         _live_relays.add(self)
@@ -329,7 +337,28 @@ class StreamRelay:
         bound = min(bound, self._started + self._limits.total)
         return (_shutdown_at, SHUTDOWN) if _shutdown_at < bound else (bound, TIMEOUT)
 
+    def _client_hung_up(self) -> bool:
+        """Whether the client has closed its side of the connection, found without blocking.
+
+        A write after the client's FIN still succeeds (only the one after the peer's RST fails), so a heartbeat
+        alone would notice a client gone only at the heartbeat after. A socket that is readable with data waiting
+        (a pipelined request) has not hung up; under gevent `select` is gevent's, so nothing here blocks the hub.
+        """
+        sock = self._client_socket
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except ValueError:  # a socket that cannot peek (TLS): the heartbeat's write will tell
+            return False
+        except OSError:  # reset by the client
+            return True
+
     def _events(self):
+        if self._opened:  # headers and a first byte now, not at the first heartbeat: the model server has answered
+            self._last_write = time.monotonic()
+            yield OPENING
         while True:
             now = time.monotonic()
             bound, ending = self._bound()
@@ -341,8 +370,11 @@ class StreamRelay:
                 kind, value = self._queue.get(timeout=max(0.0, wait))
             except queue.Empty:
                 if time.monotonic() < self._bound()[0]:
+                    if self._client_hung_up():
+                        self._ending = CLIENT_DISCONNECTED  # settled by the `finally`, which closes the upstream
+                        return
                     self._last_write = time.monotonic()
-                    yield HEARTBEAT  # a client that went away makes this write fail, and the server close()s us
+                    yield HEARTBEAT  # a client that went away without a FIN makes this write fail: close() follows
                 continue
             if kind == BATCH:
                 out, done_seen = self._read_batch(value)
@@ -518,4 +550,5 @@ def stream_response(relay: StreamRelay) -> Response:
         metrics.count_upstream_error(error.code)
         raise
     g.stream_relay = relay  # finish_request leaves the log line and the metrics of a stream to the relay
+    relay.watch_client(request.environ.get("gunicorn.socket"))
     return relay.response()

@@ -131,7 +131,8 @@ class FakeOpenAI:
         self.in_flight = 0  # chat calls waiting out the delay right now
         self.max_in_flight = 0  # the most at once since the last reset
         self._in_flight_changed = threading.Condition()
-        self.closed_connections = 0  # connections this server closed, or saw closed
+        self.closed_connections = 0  # connections opened since the last reset that this server closed, or saw closed
+        self._generation = 0  # bumped by reset(): a connection of an earlier test that closes later is not counted
         self._connection_closed = threading.Condition()
         self.streams_abandoned = 0  # streams whose client closed the connection before their end
         self._stream_abandoned = threading.Condition()
@@ -151,6 +152,7 @@ class FakeOpenAI:
         self.requests.clear()
         self.calls = 0
         self.connections = 0
+        self._generation += 1
         self.closed_connections = 0
         self.streams_abandoned = 0
         if self._loop is not None:
@@ -196,6 +198,7 @@ class FakeOpenAI:
     # -- the server ------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        generation = self._generation
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -233,8 +236,11 @@ class FakeOpenAI:
             with contextlib.suppress(ConnectionError):  # the client may have gone first
                 await writer.wait_closed()
             with self._connection_closed:
-                self.closed_connections += 1
-                self._connection_closed.notify_all()
+                # An earlier test's idle connection, closed when its client is collected, would otherwise count
+                # here and end a wait before this test's own connection is closed.
+                if generation == self._generation:
+                    self.closed_connections += 1
+                    self._connection_closed.notify_all()
 
     async def _chat(self, headers: dict, body: bytes) -> bytes | None:
         self.calls += 1

@@ -15,10 +15,13 @@ FAST = {"stream_heartbeat_seconds": 0.1, "stream_first_token_timeout": 5, "strea
 
 
 def parse_events(text: str) -> list[tuple[str, object]]:
-    """An event stream as (event name, data) pairs; a comment (a heartbeat) is ("heartbeat", None)."""
+    """An event stream as (event name, data) pairs; a comment (a heartbeat) is ("heartbeat", None).
+
+    The comment that opens every stream the model server has answered (`: open`) is left out.
+    """
     events = []
     for block in text.split("\n\n"):
-        if not block:
+        if not block or block == ": open":
             continue
         if block.startswith(":"):
             events.append(("heartbeat", None))

@@ -23,9 +23,12 @@ def open_stream(service, client: httpx2.Client, body=STREAM_BODY):
 
 
 def events_of(lines):
-    """(event, data) pairs from an iterator of SSE lines; heartbeats as ("heartbeat", None)."""
+    """(event, data) pairs from an iterator of SSE lines; heartbeats as ("heartbeat", None), without the comment
+    that opens the stream (`: open`)."""
     event = None
     for line in lines:
+        if line == ": open":
+            continue
         if line.startswith(":"):
             yield "heartbeat", None
         elif line.startswith("event: "):
@@ -62,14 +65,30 @@ def test_each_chunk_is_sent_as_it_arrives(start_procfile_service, fake_openai, w
     assert "".join(data["text"] for event, data in rest if event == "delta") == " one two three four"
 
 
-def test_client_that_hangs_up_closes_the_upstream_and_is_logged(start_procfile_service, fake_openai, worker_class):
+def test_headers_and_a_first_comment_come_as_soon_as_the_model_server_answers(start_procfile_service, fake_openai,
+                                                                             worker_class):
+    fake_openai.then(Stream(hold_at=0))  # the status is sent, the first chunk waits until this test has read
+    # The client's read timeout is below the heartbeat: only a byte sent at once, not a heartbeat, reaches it.
+    service = start_procfile_service(fake_openai.base_url, WORKER_CLASS=worker_class, STREAM_HEARTBEAT_SECONDS="20")
+    with httpx2.Client(timeout=8) as client, open_stream(service, client) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines) == ": open"
+        fake_openai.release()
+        names = [event for event, _ in events_of(lines)]
+    assert names[0] == "delta" and names[-1] == "done"
+
+
+def test_client_that_hangs_up_on_a_silent_stream_closes_the_upstream_at_the_next_heartbeat(
+        start_procfile_service, fake_openai, worker_class):
     fake_openai.then(Stream(hold_at=2))
-    service = start_procfile_service(fake_openai.base_url, WORKER_CLASS=worker_class, STREAM_HEARTBEAT_SECONDS="0.2")
+    service = start_procfile_service(fake_openai.base_url, WORKER_CLASS=worker_class, STREAM_HEARTBEAT_SECONDS="4")
     with httpx2.Client(timeout=20) as client, open_stream(service, client) as response:
         events = events_of(response.iter_lines())
         assert next(events)[0] == "delta" and next(events)[0] == "delta"
-    # The client is gone: the next heartbeat's write fails, and genapi closes the model server's stream.
-    assert fake_openai.wait_for_abandoned_streams(1, timeout=15)
+    # The client is gone. The first heartbeat after it (4 s on) sees the hang-up and closes the model server's
+    # stream; a relay that relied on the heartbeat's write failing would close it only at the second (8 s on).
+    assert fake_openai.wait_for_abandoned_streams(1, timeout=6)
     line = wait_for_log_line(service, lambda line: line.get("stream_ending") is not None)
     assert line["stream_ending"] == "client_disconnected"
     assert line["completion_tokens"] >= 1 and line["tokens_estimated"] is True and line["chunks"] >= 2
