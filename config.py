@@ -45,6 +45,22 @@ def split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def checked_url(value, schemes: tuple[str, ...], example: str, named: str | None = None) -> str | None:
+    """A URL setting that may hold a password: None when empty; else it must have one of `schemes` and a port that
+    is a number (which its client library would only find later)."""
+    url = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if url in (None, ""):
+        return None
+    if not url.startswith(schemes):
+        named = named or ", ".join(schemes[:-1]) + " or " + schemes[-1]
+        raise ValueError(f"must start with {named}, for example {example}")
+    try:
+        urlsplit(url).port
+    except ValueError:
+        raise ValueError("has a port that is not a number") from None
+    return url
+
+
 class Settings(BaseSettings):
     """Every setting genapi reads, typed; see .env.example for one line on each."""
 
@@ -176,30 +192,13 @@ class Settings(BaseSettings):
     @field_validator("redis_url", mode="before")
     @classmethod
     def _check_redis_url(cls, value):
-        url = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if url in (None, ""):
-            return None
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://, for example redis://localhost:6379")
-        try:
-            urlsplit(url).port  # raises on a port that is not a number, which redis-py would only find later
-        except ValueError:
-            raise ValueError("has a port that is not a number") from None
-        return url
+        return checked_url(value, ("redis://", "rediss://", "unix://"), "redis://localhost:6379")
 
     @field_validator("database_url", mode="before")
     @classmethod
     def _check_database_url(cls, value):
-        url = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if url in (None, ""):
-            return None
-        if not url.startswith(("sqlite://", "postgres://", "postgresql://", "postgresql+psycopg://")):
-            raise ValueError("must start with postgres://, postgresql:// or sqlite://, for example sqlite:///genapi.db")
-        try:
-            urlsplit(url).port
-        except ValueError:
-            raise ValueError("has a port that is not a number") from None
-        return url
+        schemes = ("sqlite://", "postgres://", "postgresql://", "postgresql+psycopg://")
+        return checked_url(value, schemes, "sqlite:///genapi.db", named="postgres://, postgresql:// or sqlite://")
 
     @field_validator("allowed_models", "cors_origins", mode="before")
     @classmethod
