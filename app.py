@@ -37,7 +37,7 @@ from genapi.database import Database, database_url, prepare
 from genapi.docs_page import register_docs_page
 from genapi.errors import ApiError, register_error_handlers
 from genapi.keys import Client, DatabaseKeys, KeyRing
-from genapi.limits import build_limiter, charge
+from genapi.limits import build_limits, charge, exempt
 from genapi.logs import configure_logging, log_request, sane_request_id, stream_record
 from genapi.openapi import build_openapi
 from genapi.providers import Completion, Generation, build_provider, chat_body
@@ -89,17 +89,17 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
     register_error_handlers(app)
     app.before_request(start_request)
     app.after_request(finish_request)
-    limiter = build_limiter(app, settings, redis_state)
+    build_limits(app, settings, redis_state)
     bind_budgets(app, settings, redis_state)
     bind_cors(app, settings.cors_origins)
     app.add_url_rule("/generate", view_func=generate, methods=["POST"])
     app.add_url_rule("/generate/batch", view_func=generate_batch, methods=["POST"])
     app.register_blueprint(v1.blueprint)
-    app.add_url_rule("/healthz", view_func=limiter.exempt(healthz), methods=["GET"])
-    app.add_url_rule("/readyz", view_func=limiter.exempt(readyz), methods=["GET"])
-    app.add_url_rule("/openapi.json", view_func=limiter.exempt(openapi_document), methods=["GET"])
+    app.add_url_rule("/healthz", view_func=exempt(healthz), methods=["GET"])
+    app.add_url_rule("/readyz", view_func=exempt(readyz), methods=["GET"])
+    app.add_url_rule("/openapi.json", view_func=exempt(openapi_document), methods=["GET"])
     app.add_url_rule("/metrics", view_func=require_admin(metrics_text), methods=["GET"])
-    register_docs_page(app, limiter)
+    register_docs_page(app)
     app.register_blueprint(admin)
     app.register_blueprint(usage_api)
     app.cli.add_command(create_key)
@@ -121,7 +121,7 @@ def will_serve() -> bool:
 
 
 def state(name: str):
-    """What create_app built for this app: settings, keys, provider, redis, cache, limiter, models, OpenAPI."""
+    """What create_app built for this app: settings, keys, provider, redis, cache, limits, models, OpenAPI."""
     return current_app.extensions["genapi"][name]
 
 

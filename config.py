@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     max_content_length: int = Field(default=1024 * 1024, ge=1024)
     allowed_models: Annotated[list[str], NoDecode] = []
 
-    # Rate limits, in Flask-Limiter's notation ("60/minute", "10/second;500/hour").
+    # Rate limits, in the notation of the limits library ("60/minute", "10/second;500/hour": both hold).
     rate_limit: str = "60/minute"
     admin_rate_limit: str = ""  # empty: admins have RATE_LIMIT too; "none": admins are not limited
     auth_failure_limit: str = "10/minute"  # failed authentications per client address

@@ -52,7 +52,7 @@ def _as_utc(value: datetime | None) -> datetime | None:
     return value
 
 
-# Flask-Limiter's notation, spelt out so that the OpenAPI document says what is accepted.
+# The limits library's notation, spelt out so that the OpenAPI document says what is accepted.
 _ONE_LIMIT = "[0-9]{1,9} *(/|per) *([0-9]{1,9} *)?(second|minute|hour|day|month|year)s?"
 RATE_LIMIT_PATTERN = f"^{_ONE_LIMIT}( *[;,] *{_ONE_LIMIT})*$"
 

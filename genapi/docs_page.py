@@ -5,15 +5,16 @@ document (and so out of the fuzzer's reach); PAGE_ROUTES says which they are.
 """
 
 from flask import Flask, redirect
-from flask_limiter import Limiter
 from flask_swagger_ui import get_swaggerui_blueprint
+
+from genapi.limits import exempt
 
 DOCS_URL = "/docs"
 # The routes of the page: the redirect, the page itself, and the files it loads (Swagger UI's script and styles).
 PAGE_ROUTES = {"/", f"{DOCS_URL}/", f"{DOCS_URL}/<path:path>"}
 
 
-def register_docs_page(app: Flask, limiter: Limiter) -> None:
+def register_docs_page(app: Flask) -> None:
     """Serve Swagger UI at /docs/ (with /docs and / redirecting to it), never rate limited, with no key."""
     page = get_swaggerui_blueprint(
         DOCS_URL,
@@ -22,9 +23,9 @@ def register_docs_page(app: Flask, limiter: Limiter) -> None:
         config={"app_name": "genapi", "persistAuthorization": True, "displayRequestDuration": True},
         blueprint_name="docs",
     )
-    limiter.exempt(page)
+    exempt(page)
     app.register_blueprint(page)
-    app.add_url_rule("/", view_func=limiter.exempt(front_page), methods=["GET"])
+    app.add_url_rule("/", view_func=exempt(front_page), methods=["GET"])
 
 
 def front_page():

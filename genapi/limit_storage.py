@@ -1,8 +1,8 @@
 """The rate limits' storage: Redis while it answers and accepts writes, this process's memory while it does not.
 
-Flask-Limiter's own in-memory fallback starts only when a check before the request fails, and trusts a PING to
-end it; a Redis that answers reads but refuses writes (maxmemory under noeviction, a read-only replica) passes
-both, while every count is lost. Here every call that Redis fails, read or write, is served from memory, the
+A fallback that starts only when a check fails, and trusts a PING to end it (Flask-Limiter's), misses a Redis that
+answers reads but refuses writes (maxmemory under noeviction, a read-only replica): it passes both, while every
+count is lost. Here every call that Redis fails, read or write, is served from memory, the
 outage is RedisState's (logged once, reported by /readyz), and Redis is used again once a write to it succeeds.
 """
 

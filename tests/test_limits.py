@@ -46,6 +46,25 @@ def test_429_carries_the_rate_limit_headers(make_app):
     assert "X-RateLimit-Reset" in refused.headers
 
 
+def test_every_limit_of_a_rate_limit_with_two_holds(make_app, upstream):
+    client = make_app(rate_limit="100/second;2/minute").test_client()
+    responses = [post(client) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert "2 per 1 minute" in responses[2].get_json()["error"]["message"]
+    assert responses[1].headers["X-RateLimit-Limit"] == "2"  # the limit nearest to refusing
+    assert responses[1].headers["X-RateLimit-Remaining"] == "0"
+    assert upstream.calls == 2
+
+
+def test_a_request_refused_by_one_of_two_limits_costs_nothing_in_the_other(make_app):
+    app = make_app(rate_limit="1/minute;5/hour")
+    client = app.test_client()
+    assert [post(client).status_code for _ in range(4)] == [200, 429, 429, 429]
+    rate_limits = app.extensions["genapi"]["limits"]
+    hour = next(limit for limit in rate_limits.user if limit.amount == 5)
+    assert rate_limits.window(hour, "alice", "per-key")[2] == 4  # only the answered request counted
+
+
 def test_each_key_has_its_own_bucket(make_app):
     client = make_app(rate_limit="1/minute", api_keys=f"alice:{USER_KEY},bob:bobs-key").test_client()
     assert post(client).status_code == 200
@@ -154,6 +173,14 @@ def test_x_forwarded_for_names_the_client_behind_trusted_proxies(make_app):
     post(client, key="wrong", headers={"X-Forwarded-For": "1.1.1.1"})
     assert post(client, headers={"X-Forwarded-For": "1.1.1.1"}).status_code == 429
     assert post(client, headers={"X-Forwarded-For": "2.2.2.2"}).status_code == 200
+
+
+def test_the_docs_page_is_never_limited(make_app):
+    client = make_app(auth_failure_limit="1/minute").test_client()
+    post(client, key="wrong")
+    assert post(client, key="wrong").status_code == 429
+    assert client.get("/docs/", environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code == 200
+    assert client.get("/", environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code == 302
 
 
 def test_health_and_readiness_are_never_limited(make_app):
