@@ -277,7 +277,8 @@ class StreamRelay:
     def response(self) -> Response:
         _live_relays.add(self)
         metrics.STREAMS_IN_FLIGHT.inc()
-        return Response(self, mimetype=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        # Passed through to the WSGI server as it is: werkzeug would wrap each chunk in two more generators.
+        return Response(self, mimetype=SSE_MEDIA_TYPE, headers=SSE_HEADERS, direct_passthrough=True)
 
     # -- the reader thread ---------------------------------------------------------------------------------------
     def _read(self) -> None:
