@@ -4,14 +4,16 @@ DATABASE_URL picks it; without one it is a SQLite file in the app's instance fol
 as postgres://, which SQLAlchemy no longer reads: every PostgreSQL URL is given the psycopg (3) driver here.
 """
 
+import contextlib
+import json
 import logging
 import os
 import sys
+import tempfile
+import threading
+import traceback
 from pathlib import Path
 
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.engine import make_url
@@ -63,7 +65,9 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.close()
 
 
-def alembic_config(url: str) -> AlembicConfig:
+def alembic_config(url: str):
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "migrations"))
     config.attributes["url"] = url
@@ -72,6 +76,9 @@ def alembic_config(url: str) -> AlembicConfig:
 
 def schema_problem(engine: Engine, url: str) -> str | None:
     """Why the database's schema is not the one this code expects (behind, or from a newer release), or None."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     migration_log = logging.getLogger("alembic.runtime.migration")
     level = migration_log.level
@@ -127,6 +134,14 @@ def prepare(database: Database) -> None:
             "DATABASE_URL is a SQLite file on a Heroku dyno, whose disk every restart wipes: keys made through the "
             "admin API and the usage ledger will be lost; add Heroku Postgres (heroku addons:create heroku-postgresql)"
         )
+    problem = in_child_process(lambda: schema_brought_up(database))
+    if problem:
+        print(f"genapi cannot start: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def schema_brought_up(database: Database) -> str | None:
+    """The schema checked, and a SQLite file's migrated; what is still wrong with it, or None."""
     try:
         problem = schema_problem(database.engine, database.url)
         if problem and database.is_sqlite:
@@ -135,7 +150,46 @@ def prepare(database: Database) -> None:
     except SQLAlchemyError as error:
         problem = f"the database at {database.safe_url} cannot be reached ({type(error).__name__})"
     finally:
-        database.engine.dispose()  # the master's connection must not be inherited by every forked worker
-    if problem:
-        print(f"genapi cannot start: {problem}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        database.engine.dispose()  # no connection of the check's may outlive it
+    return problem
+
+
+def in_child_process(check) -> str | None:
+    """check()'s answer (a text or None), worked out in a forked child process.
+
+    The check needs alembic, ~10 MB of modules and data: loaded in gunicorn's master, which every worker forks
+    from, they would stay in the memory of every process, though nothing serves a request with them. The child
+    writes its answer to a file (a pipe's end can outlive the child here, in a process patched by gevent) and
+    exits; the parent waits for it with the unpatched waitpid, since gevent's hub is not running yet.
+
+    A process that already runs other threads (a test run, an app built twice) checks in place instead: a forked
+    child of it can hang on a lock that one of those threads held at the fork.
+    """
+    if threading.active_count() > 1:
+        return check()
+    waitpid = os.waitpid
+    if "gevent" in sys.modules:
+        from gevent import monkey
+
+        if monkey.is_module_patched("os"):
+            waitpid = monkey.get_original("os", "waitpid")
+    with tempfile.TemporaryFile() as answer:
+        child = os.fork()
+        if child == 0:  # the child: answer, and leave without running anything of the parent's at exit
+            status = 0
+            try:
+                answer.write(json.dumps({"problem": check()}).encode())
+                answer.flush()
+            except BaseException:  # noqa: BLE001 - whatever it is, the parent reports it
+                traceback.print_exc()
+                status = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        with contextlib.suppress(ChildProcessError):  # reaped already: the answer file says how it went
+            waitpid(child, 0)
+        answer.seek(0)
+        try:
+            return json.loads(answer.read())["problem"]
+        except (ValueError, KeyError):
+            return "the check of the database's schema failed (its error is above)"

@@ -71,6 +71,8 @@ def configure_logging(level: str, to_stderr: bool = False) -> None:
     logging._srcfile = None
     # httpx2 logs every upstream call at INFO, which the request line already says: one line per request, not two.
     logging.getLogger("httpx2").setLevel("WARNING" if level == "INFO" else level)
+    # alembic names each of its plugins as it loads them, a line each, at every start-up.
+    logging.getLogger("alembic.runtime.plugins").setLevel("WARNING" if level == "INFO" else level)
     handler = next((handler for handler in root.handlers if isinstance(handler, StdoutHandler)), None)
     if handler is None:
         handler = StdoutHandler()

@@ -35,6 +35,35 @@ def test_a_sqlite_file_gets_its_migrations_at_start_up(make_app, tmp_path):
     assert response.status_code == 200
 
 
+def test_the_schema_check_leaves_the_migration_tool_out_of_the_process_the_workers_fork_from(tmp_path):
+    # gunicorn's master loads the app and every worker forks from it: what it imports is in every process.
+    script = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import sys, app, sqlite3\n"
+        f"tables = sqlite3.connect('{tmp_path}/fresh.sqlite3').execute(\"select name from sqlite_master\").fetchall()\n"
+        "print('alembic' in sys.modules, ('alembic_version',) in tables)\n"
+    )
+    env = os.environ | {"API_KEYS": "k-0123456789abcdef", "OPENAI_API_KEY": "sk-test",
+                        "DATABASE_URL": f"sqlite:///{tmp_path}/fresh.sqlite3"}  # fmt: skip
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    assert finished.stdout.splitlines()[-1].split() == ["False", "True"]  # after the log lines
+
+
+def test_a_schema_check_that_fails_unexpectedly_stops_start_up_showing_why(tmp_path):
+    script = (
+        "import genapi.database as database\n"
+        "def broken(engine, url): raise RuntimeError('the check broke')\n"
+        "database.schema_problem = broken\n"
+        "import app\n"
+    )
+    env = os.environ | {"API_KEYS": "k-0123456789abcdef", "OPENAI_API_KEY": "sk-test",
+                        "DATABASE_URL": f"sqlite:///{tmp_path}/fresh.sqlite3"}  # fmt: skip
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert finished.returncode == 2
+    assert "RuntimeError: the check broke" in finished.stderr
+    assert "genapi cannot start: the check of the database's schema failed (its error is above)" in finished.stderr
+
+
 def test_start_up_refuses_a_postgres_schema_that_is_behind_naming_the_command(make_app, postgres_database, capsys):
     with pytest.raises(SystemExit):
         make_app(database_url=postgres_database.url)
