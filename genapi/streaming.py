@@ -1,10 +1,10 @@
 """Streams: the model server's stream relayed to the client as server-sent events, as it arrives.
 
 One StreamRelay owns a stream's whole life. A reader thread (a greenlet under gevent) makes the upstream call and
-reads its SSE lines onto a queue; the relay is the WSGI response iterable, waiting on that queue with a timeout so
-that it can send a heartbeat while the model is silent and end the stream at a bound. Its close(), which the WSGI
-server calls when the stream ends or the client goes away, closes the upstream, settles usage, counts the metrics
-and writes the stream's one log line. It needs no Flask request context: what it needs is captured when it is built.
+reads its SSE lines onto a queue; the relay is the WSGI response iterable, waiting on that queue, and woken by the
+worker's StreamClock when a heartbeat is due while the model is silent, or when the stream is past a bound. Its
+close(), which the WSGI server calls when the stream ends or the client goes away, closes the upstream, settles
+usage, counts the metrics and writes the stream's one log line. It needs no Flask request context: what it needs is captured when it is built.
 
 Per chunk the relay reads only what it must (text, usage, finish_reason, errors), with one json.loads, and writes
 the model server's own line through on /v1.
@@ -13,6 +13,7 @@ the model server's own line through on /v1.
 import json
 import logging
 import math
+import os
 import queue
 import select
 import socket
@@ -54,6 +55,56 @@ CHARACTERS_PER_TOKEN = 4
 # Set when the worker is told to stop (gunicorn.conf.py): streams still running then end by this time.
 _shutdown_at = math.inf
 _live_relays: "weakref.WeakSet[StreamRelay]" = weakref.WeakSet()
+
+
+class StreamClock:
+    """Wakes each stream of this process when its next heartbeat or bound is due: one thread for all of them.
+
+    A stream waits on its queue without a timeout. A timed wait per chunk would start and cancel a timer per chunk
+    (under gevent, a Timeout and a libev timer each time), a few percent of the relay's CPU. The clock looks every
+    `resolution` seconds, a quarter of the shortest limit a stream of this process has (at most 0.25 s), so a
+    heartbeat or a bound is late by at most that; while no stream runs, it rests.
+    """
+
+    LONGEST_RESOLUTION = 0.25
+
+    def __init__(self):
+        self.resolution = self.LONGEST_RESOLUTION
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self._streams_running = threading.Event()  # set when a stream begins; the clock rests while there is none
+        self._tick = threading.Event()  # never set: waiting on it is the clock's sleep
+
+    def watch(self, limits: "StreamLimits") -> None:
+        """Called for each stream, once it is live; starts the clock in a process that has none yet (a worker,
+        once forked), or wakes it."""
+        shortest = min(limits.heartbeat, limits.first_token, limits.idle, limits.total)
+        self.resolution = min(self.resolution, shortest / 4)
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._pid = os.getpid()
+                    self._streams_running = threading.Event()
+                    threading.Thread(target=self._run, name="genapi-stream-clock", daemon=True).start()
+        self._streams_running.set()
+
+    def _run(self) -> None:
+        while True:
+            self._streams_running.clear()  # cleared before looking, so a stream that begins now sets it again
+            if not _live_relays:
+                self._streams_running.wait()
+            self._tick.wait(self.resolution)
+            now = time.monotonic()
+            try:
+                relays = list(_live_relays)
+            except RuntimeError:  # a stream began or ended in another thread meanwhile: look again next time
+                continue
+            for relay in relays:
+                if relay.wake_at <= now:
+                    relay.wake()
+
+
+_clock = StreamClock()
 
 
 def begin_shutdown(seconds: float) -> None:
@@ -239,6 +290,8 @@ class StreamRelay:
         self._iterating = False
         self._opened = False  # the model server answered with a success status before the first byte
         self._client_socket = None  # the client's connection, to see a hang-up before a heartbeat (watch_client)
+        self.wake_at = math.inf  # when the stream's clock must wake it: its next heartbeat, or its bound
+        self._wake_pending = False  # a WAKE is on the queue already: the clock does not pile them up
 
     # -- the view's side, in the request -------------------------------------------------------------------------
     def start(self) -> None:
@@ -268,7 +321,9 @@ class StreamRelay:
             self._reservation.release()
 
     def wake(self) -> None:
-        self._queue.put((WAKE, None))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._queue.put((WAKE, None))
 
     def watch_client(self, client_socket) -> None:
         """The client's socket (gunicorn's), checked before each heartbeat; None (a test client) skips the check."""
@@ -276,6 +331,7 @@ class StreamRelay:
 
     def response(self) -> Response:
         _live_relays.add(self)
+        _clock.watch(self._limits)
         metrics.STREAMS_IN_FLIGHT.inc()
         # Passed through to the WSGI server as it is: werkzeug would wrap each chunk in two more generators.
         return Response(self, mimetype=SSE_MEDIA_TYPE, headers=SSE_HEADERS, direct_passthrough=True)
@@ -366,17 +422,16 @@ class StreamRelay:
             if now >= bound:
                 yield self._end_with_error(ending)
                 return
-            try:
-                wait = min(bound, self._last_write + self._limits.heartbeat) - now
-                kind, value = self._queue.get(timeout=max(0.0, wait))
-            except queue.Empty:
-                if time.monotonic() < self._bound()[0]:
-                    if self._client_hung_up():
-                        self._ending = CLIENT_DISCONNECTED  # settled by the `finally`, which closes the upstream
-                        return
-                    self._last_write = time.monotonic()
-                    yield HEARTBEAT  # a client that went away without a FIN makes this write fail: close() follows
+            heartbeat_at = self._last_write + self._limits.heartbeat
+            if now >= heartbeat_at:
+                if self._client_hung_up():
+                    self._ending = CLIENT_DISCONNECTED  # settled by the `finally`, which closes the upstream
+                    return
+                self._last_write = now
+                yield HEARTBEAT  # a client that went away without a FIN makes this write fail: close() follows
                 continue
+            self.wake_at = min(bound, heartbeat_at)
+            kind, value = self._queue.get()  # a chunk, or the clock (StreamClock) when the wait is over
             if kind == BATCH:
                 out, done_seen = self._read_batch(value)
                 if done_seen and self._ending is None:  # [DONE]: the answer is whole, whatever else the body holds
@@ -401,7 +456,9 @@ class StreamRelay:
             elif kind == FAILED:
                 yield self._end_with_error(TIMEOUT if value.code == "upstream_timeout" else UPSTREAM_ERROR, value)
                 return
-            # OPENED and WAKE: nothing to send; the loop works out the bound again.
+            elif kind == WAKE:
+                self._wake_pending = False
+            # OPENED and WAKE: nothing to send; the loop works out the heartbeat and the bound again.
 
     def _read_batch(self, payloads: list[bytes]) -> tuple[bytes, bool]:
         """What to send for one batch of the model server's payloads, and whether it held [DONE]."""
