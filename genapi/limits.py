@@ -190,18 +190,19 @@ def charge(cost: int) -> None:
             fields = [{"param": "prompts", "message": message}]
             raise ApiError(422, message, code="over_rate_limit", param="prompts", fields=fields)
     strategy, bucket = rate_limits.strategy, (g.client.name, PER_KEY)
-    # With several limits, each is tested before any is hit, so that a request refused by one costs nothing in
-    # the others; a request racing another between the test and the hit may still use up a little of the others.
-    refused = next((limit for limit in limits if len(limits) > 1 and not strategy.test(limit, *bucket, cost=cost)), None)
+    refused = None
+    if len(limits) > 1:
+        # Each is tested before any is hit, so that a request refused by one costs nothing in the others; a request
+        # racing another between the test and the hit may still use up a little of the others.
+        refused = next((limit for limit in limits if not strategy.test(limit, *bucket, cost=cost)), None)
     if refused is None:
         refused = next((limit for limit in limits if not strategy.hit(limit, *bucket, cost=cost)), None)
-    shown = refused or limits[0]
-    g.rate_window = rate_limits.window(shown, *bucket)
     if refused is not None:
+        g.rate_window = rate_limits.window(refused, *bucket)
         message = f"Rate limit exceeded for this key ({refused}); retry after Retry-After seconds."
         raise too_many_requests(message, "rate_limit_exceeded", g.rate_window[1])
-    if len(limits) > 1:  # the headers show the limit nearest to refusing
-        g.rate_window = min((rate_limits.window(limit, *bucket) for limit in limits), key=lambda window: window[2])
+    # The headers show the limit nearest to refusing.
+    g.rate_window = min((rate_limits.window(limit, *bucket) for limit in limits), key=lambda window: window[2])
 
 
 def too_many_requests(message: str, code: str, reset_at: int | None) -> ApiError:

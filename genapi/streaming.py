@@ -4,7 +4,8 @@ One StreamRelay owns a stream's whole life. A reader thread (a greenlet under ge
 reads its SSE lines onto a queue; the relay is the WSGI response iterable, waiting on that queue, and woken by the
 worker's StreamClock when a heartbeat is due while the model is silent, or when the stream is past a bound. Its
 close(), which the WSGI server calls when the stream ends or the client goes away, closes the upstream, settles
-usage, counts the metrics and writes the stream's one log line. It needs no Flask request context: what it needs is captured when it is built.
+usage, counts the metrics and writes the stream's one log line. It needs no Flask request context: what it needs
+is captured when it is built.
 
 Per chunk the relay reads only what it must (text, usage, finish_reason, errors), with one json.loads, and writes
 the model server's own line through on /v1.
@@ -13,7 +14,6 @@ the model server's own line through on /v1.
 import json
 import logging
 import math
-import os
 import queue
 import select
 import socket
@@ -27,6 +27,7 @@ from flask import Response, g, request
 from genapi import metrics
 from genapi.errors import ApiError
 from genapi.logs import log_stream
+from genapi.pid import current_pid
 from genapi.upstream_values import finish_reason as bounded_finish_reason
 from genapi.upstream_values import model_name, upstream_id, usage_count
 
@@ -80,10 +81,10 @@ class StreamClock:
         once forked), or wakes it."""
         shortest = min(limits.heartbeat, limits.first_token, limits.idle, limits.total)
         self.resolution = min(self.resolution, shortest / 4)
-        if self._pid != os.getpid():
+        if self._pid != current_pid():
             with self._lock:
-                if self._pid != os.getpid():
-                    self._pid = os.getpid()
+                if self._pid != current_pid():
+                    self._pid = current_pid()
                     self._streams_running = threading.Event()
                     threading.Thread(target=self._run, name="genapi-stream-clock", daemon=True).start()
         self._streams_running.set()
