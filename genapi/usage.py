@@ -24,7 +24,7 @@ from typing import Literal
 from flask import Blueprint, current_app, g, jsonify, request
 from pydantic import BaseModel, Field
 from sqlalchemy import func, insert, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from genapi import metrics
 from genapi.auth import authenticate
@@ -120,7 +120,7 @@ class Ledger:
                 return True
             try:
                 with self._database.engine.begin() as connection:
-                    connection.execute(insert(UsageRow), batch)
+                    write_rows(connection, batch)
             except SQLAlchemyError as error:
                 with self._lock:  # back in front, in order; rows that arrived since may push the oldest out
                     for row in reversed(batch):
@@ -158,6 +158,29 @@ class Ledger:
             writer.join(timeout=10)
         if self._rows and not self.flush():
             log.error("usage ledger: %d rows could not be written at shutdown: the database is unreachable", len(self._rows))
+
+
+def write_rows(connection, batch: list[dict]) -> None:
+    """One batch of rows in one statement: COPY on PostgreSQL, a multi-row INSERT elsewhere.
+
+    COPY because psycopg formats its rows in C: under gevent its executemany cost a worker eight times COPY's CPU per
+    row, about a twentieth of what a request costs in all.
+    """
+    if connection.dialect.name != "postgresql":
+        connection.execute(insert(UsageRow), batch)
+        return
+    from psycopg import Error, sql
+
+    columns = [column.name for column in UsageRow.__table__.columns if column.name != "id"]
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(UsageRow.__tablename__), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
+    try:
+        with connection.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in batch:
+                copy.write_row([row[column] for column in columns])
+    except Error as error:  # the driver's own, since COPY goes past SQLAlchemy: made SQLAlchemy's like the rest
+        raise DBAPIError.instance("COPY usage", None, error, Error) from error
 
 
 def close_all() -> None:

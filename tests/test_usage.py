@@ -186,3 +186,19 @@ def test_rows_wait_while_the_database_is_away_and_arrive_once_it_is_back(private
     assert ledger.flush() is True and ledger.waiting == 0
     with ledger._database.engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(UsageRow)).scalar() == 3
+
+
+def test_rows_the_database_refuses_wait_and_arrive_once_it_takes_them(migrated_postgres_url):
+    database = Database(database_url(make_settings(database_url=migrated_postgres_url)))
+    ledger = Ledger(database, flush_seconds=60, buffer_rows=100)
+    ledger._closing = True
+    with database.engine.begin() as connection:  # the write fails inside PostgreSQL's COPY, past SQLAlchemy
+        connection.execute(text("ALTER TABLE usage RENAME TO usage_elsewhere"))
+    for n in range(3):
+        ledger.record(**row(n))
+    assert ledger.flush() is False and ledger.waiting == 3
+    with database.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE usage_elsewhere RENAME TO usage"))
+    assert ledger.flush() is True and ledger.waiting == 0
+    with database.engine.connect() as connection:
+        assert connection.execute(select(UsageRow.request_id).order_by(UsageRow.id)).scalars().all() == ["r0", "r1", "r2"]
