@@ -17,14 +17,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-import redis
 from flask import Flask, current_app, g
 
 from config import UPSTREAM_BUDGET_SECONDS
 from genapi import metrics
 from genapi.budget_periods import Budget, NoBudget, period_bounds
 from genapi.errors import ApiError
-from genapi.redis_state import REDIS_RECHECK_SECONDS, RedisState
+from genapi.redis_state import REDIS_RECHECK_SECONDS, RedisState, redis
 
 log = logging.getLogger("genapi")
 

@@ -12,11 +12,10 @@ import threading
 import time
 
 import cachetools
-import redis
 
 from config import Settings
 from genapi.providers import Generation
-from genapi.redis_state import RedisState
+from genapi.redis_state import RedisState, redis
 
 
 def cache_key(client_name: str, generation: Generation) -> str:

@@ -6,11 +6,10 @@ count is lost. Here every call that Redis fails, read or write, is served from m
 outage is RedisState's (logged once, reported by /readyz), and Redis is used again once a write to it succeeds.
 """
 
-import redis
 from limits.errors import StorageError
 from limits.storage import MemoryStorage, MovingWindowSupport, Storage, storage_from_string
 
-from genapi.redis_state import RedisState
+from genapi.redis_state import RedisState, redis
 
 
 class RedisOrMemoryStorage(Storage, MovingWindowSupport):

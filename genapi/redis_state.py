@@ -4,13 +4,11 @@ Usable means it answers and accepts writes: a Redis at maxmemory under noevictio
 PING and reads but refuses every write, and is treated like one that does not answer.
 """
 
+import importlib.util
 import logging
+import sys
 import time
 from urllib.parse import urlsplit
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 log = logging.getLogger("genapi")
 
@@ -19,13 +17,27 @@ log = logging.getLogger("genapi")
 REDIS_TIMEOUT_SECONDS = 0.5
 # Idle pooled connections are pinged before reuse after this long, so a Redis restart costs a reconnect.
 REDIS_HEALTH_CHECK_SECONDS = 30
-# One immediate retry covers a pooled connection that went stale; redis-py's default (3 retries, backing off up
-# to 10 s) would hold every request for seconds while Redis is down.
-REDIS_RETRY = Retry(NoBackoff(), retries=1)
 # While Redis is unusable, one request a process in this many seconds tries it again (a write), not every request.
 REDIS_RECHECK_SECONDS = 5.0
 # The key /readyz and the recheck write to, with a short expiry, to see that Redis takes writes.
 PROBE_KEY = "ready-probe"
+
+
+def imported_on_first_use(name: str):
+    """The module, loaded the first time one of its names is read (importlib's LazyLoader)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# redis-py (~4 MB in every process) loads only once a Redis client is built, for REDIS_URL: without one, no code
+# path reads a name of it, since its errors are only looked up when an exception is being handled.
+redis = imported_on_first_use("redis")
 
 
 def masked_url(url: str) -> str:
@@ -37,8 +49,11 @@ def masked_url(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str) -> "redis.Redis":
     """A client for REDIS_URL; it connects lazily, on the first command."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     options = {}
     if url.startswith("rediss://"):
         # Heroku Redis serves TLS with a self-signed certificate, and Heroku documents turning verification off
@@ -49,7 +64,9 @@ def connect(url: str) -> redis.Redis:
         socket_timeout=REDIS_TIMEOUT_SECONDS,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         health_check_interval=REDIS_HEALTH_CHECK_SECONDS,
-        retry=REDIS_RETRY,
+        # One immediate retry covers a pooled connection that went stale; redis-py's default (3 retries, backing
+        # off up to 10 s) would hold every request for seconds while Redis is down.
+        retry=Retry(NoBackoff(), retries=1),
         **options,
     )
 

@@ -1,6 +1,9 @@
 """Against a real Redis: limits and the cache shared by app instances, readiness, and Redis going away mid-run."""
 
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -9,7 +12,7 @@ import redis
 from app import create_app
 from genapi.redis_state import connect, masked_url
 from tests.conftest import ADMIN_KEY, USER_KEY, make_settings
-from tests.procfile import free_port
+from tests.procfile import ROOT, free_port
 
 
 def post(client, key=USER_KEY, **body):
@@ -25,6 +28,24 @@ def test_two_app_instances_share_one_count_through_redis(make_app, redis_setting
 def test_without_redis_each_instance_counts_for_itself(make_app):
     first, second = (make_app(rate_limit="1/minute").test_client() for _ in range(2))
     assert [post(first).status_code, post(second).status_code] == [200, 200]
+
+
+def test_without_redis_url_the_service_never_loads_the_redis_client(tmp_path):
+    # gunicorn's master loads the app and every worker forks from it: what it imports is in every process.
+    script = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import sys, app\n"
+        "client = app.app.test_client()\n"
+        "ok = client.post('/generate', json={'prompt': 'hi'}, headers={'X-API-KEY': 'k-0123456789abcdef'}).status_code\n"
+        "wrong = client.post('/generate', json={'prompt': 'hi'}, headers={'X-API-KEY': 'wrong-key-000000'}).status_code\n"
+        "invalid = client.post('/generate', json={}, headers={'X-API-KEY': 'k-0123456789abcdef'}).status_code\n"
+        "print(ok, wrong, invalid, any(name.startswith('redis.') for name in sys.modules))\n"
+    )
+    env = os.environ | {"API_KEYS": "k-0123456789abcdef", "LLM_PROVIDER": "mock", "TOKEN_BUDGET": "1000/day",
+                        "DATABASE_URL": f"sqlite:///{tmp_path}/genapi.sqlite3"}  # fmt: skip
+    env.pop("REDIS_URL", None)
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    assert finished.stdout.splitlines()[-1].split() == ["200", "403", "422", "False"]  # after the log lines
 
 
 def test_the_failed_authentication_count_is_shared_through_redis(make_app, redis_settings):
