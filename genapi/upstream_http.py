@@ -15,9 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as LookupTimeout
 from types import SimpleNamespace
 
+import h11
 import httpcore2
 import httpx2
 import openai
+from httpcore2._sync.http11 import HTTP11Connection
+from httpx2._transports.default import map_httpcore_exceptions
 
 
 class UpstreamAnswerRefused(openai.OpenAIError):
@@ -104,7 +107,10 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
         except BaseException:
             self._put_back(connection)
             raise
-        response.stream = _CallbackOnClose(response.stream, lambda: self._put_back(connection))
+        body = connection.body(response, request)
+        if isinstance(body, ConnectionBody):
+            response.extensions["connection_body"] = body  # for a stream's reader to set its read timeout
+        response.stream = _CallbackOnClose(body, lambda: self._put_back(connection))
         if 300 <= response.status_code < 400:
             response.close()
             raise UpstreamRedirected(response.status_code, response.headers.get("location", ""))
@@ -149,6 +155,15 @@ class KeptConnection:
     @property
     def is_open(self) -> bool:
         return bool(self.transport._pool.connections)
+
+    def body(self, response: httpx2.Response, request: httpx2.Request) -> httpx2.SyncByteStream:
+        """The answer's body, to be read off the connection (ConnectionBody) when it is an HTTP/1.1 one."""
+        connections = self.transport._pool.connections
+        http11 = getattr(connections[0], "_connection", None) if connections else None
+        if not isinstance(http11, HTTP11Connection) or response.status_code == 101:
+            return response.stream
+        read_timeout = (request.extensions.get("timeout") or {}).get("read")
+        return ConnectionBody(response.stream, http11, read_timeout)
 
     def close(self) -> None:
         self.transport.close()
@@ -226,17 +241,34 @@ WRITE_SLICE_BYTES = 16 * 1024
 
 
 class DeadlineStream(httpcore2.NetworkStream):
+    """A connection's stream whose reads and writes keep to the attempt's deadline, and whose small writes wait.
+
+    httpcore2 writes a request's headers and its body apart. Held here until the answer is read, or until there is
+    a slice's worth, they go out together: one send and one TCP segment per call instead of two.
+    """
+
     def __init__(self, stream: httpcore2.NetworkStream, deadline: Deadline):
         self._stream, self._deadline = stream, deadline
+        self._unsent = b""
+        self._write_timeout: float | None = None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._unsent:
+            self._send_unsent()
         return self._stream.read(max_bytes, self._deadline.bound(timeout, httpcore2.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._unsent += buffer
+        self._write_timeout = timeout
+        if len(self._unsent) >= WRITE_SLICE_BYTES:
+            self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        buffer, self._unsent = self._unsent, b""
         # httpcore2 gives every send() of one write the same timeout; in slices, each slice gets the time left.
         for start in range(0, len(buffer), WRITE_SLICE_BYTES):
             piece = buffer[start : start + WRITE_SLICE_BYTES]
-            self._stream.write(piece, self._deadline.bound(timeout, httpcore2.WriteTimeout))
+            self._stream.write(piece, self._deadline.bound(self._write_timeout, httpcore2.WriteTimeout))
 
     def close(self) -> None:
         self._stream.close()
@@ -298,6 +330,48 @@ class BoundedBody(httpx2.SyncByteStream):
                 raise UpstreamAnswerTooLarge(self._limit)
             if tail:
                 yield tail
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class ConnectionBody(httpx2.SyncByteStream):
+    """An HTTP/1.1 answer's body read off its connection through h11, as httpcore2 reads it, with fewer layers.
+
+    Through httpcore2 and httpx2, every network read of the body passes five generators and three context managers
+    before it reaches the reader: for a relayed stream, whose reads are one chunk each, that was a fifth of the
+    relay's CPU (docs/benchmark-streaming.md). Here h11 still parses the framing (chunked, sized or until closed),
+    the read keeps the attempt's deadline (DeadlineStream), errors are httpx2's, as they were, and a body read to its
+    end leaves the connection ready to be kept alive. Closing is the transport's stream's, unchanged: it returns a
+    connection whose answer was read to the end to the pool, and closes any other.
+
+    `read_timeout` (the call's, at first) may be changed between reads: a stream's relay bounds its waits itself
+    and reads without one (genapi.streaming.HttpStream). Under gevent a read with a timeout starts and cancels a
+    timer per chunk, which was 8% of the relay's CPU.
+    """
+
+    def __init__(self, stream: httpx2.SyncByteStream, connection: HTTP11Connection, read_timeout: float | None):
+        self._stream, self._connection = stream, connection
+        self.call_read_timeout = self.read_timeout = read_timeout
+
+    def __iter__(self):
+        with map_httpcore_exceptions():
+            yield from self._data()
+
+    def _data(self):
+        state, network = self._connection._h11_state, self._connection._network_stream
+        read_size = self._connection.READ_NUM_BYTES
+        while True:
+            try:
+                event = state.next_event()
+            except h11.RemoteProtocolError as error:
+                raise httpcore2.RemoteProtocolError(str(error)) from error
+            if event is h11.NEED_DATA:
+                state.receive_data(network.read(read_size, self.read_timeout))
+            elif type(event) is h11.Data:
+                yield bytes(event.data)
+            elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
+                return
 
     def close(self) -> None:
         self._stream.close()

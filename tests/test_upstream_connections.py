@@ -188,6 +188,24 @@ def test_a_long_write_gets_only_the_time_the_attempt_has_left_slice_by_slice():
                                                                    (slice_bytes, 1)]
 
 
+def test_a_requests_headers_and_body_go_out_in_one_write_before_the_answer_is_read():
+    writes = []
+
+    class Recorder(httpcore2.NetworkStream):
+        def write(self, buffer, timeout=None):
+            writes.append(buffer)
+
+        def read(self, max_bytes, timeout=None):
+            return b"HTTP/1.1 200 OK\r\n"
+
+    stream = DeadlineStream(Recorder(), Deadline())
+    stream.write(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n", timeout=5.0)
+    stream.write(b"{}", timeout=5.0)
+    assert writes == []
+    assert stream.read(1024, timeout=5.0) == b"HTTP/1.1 200 OK\r\n"
+    assert writes == [b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"]
+
+
 def test_a_name_lookup_gets_only_the_time_the_attempt_has_left(monkeypatch):
     released = threading.Event()
 
