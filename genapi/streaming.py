@@ -143,9 +143,19 @@ class HttpStream:
         self.upstream_request_id = response.headers.get("x-request-id")  # checked by upstream_id() before logging
 
     def batches(self):
-        """Each network read's complete events, as the list of their data payloads (b'{...}' or b'[DONE]')."""
+        """Each network read's complete events, as the list of their data payloads (b'{...}' or b'[DONE]').
+
+        The reads wait without a timeout: the relay bounds every wait of a stream and ends one by shutting its
+        socket (abort). Once [DONE] is in, the rest of the body (its end, which lets the connection be kept alive)
+        is read with the call's own read timeout, since the relay may have ended by then.
+        """
+        body = self._response.extensions.get("connection_body")  # genapi.upstream_http.ConnectionBody, or None
+        if body is not None:
+            body.read_timeout = None
         pending = b""
-        for data in self._response.iter_bytes():
+        # The body as the transport gives it (genapi.upstream_http, which has decoded it): httpx2's iter_bytes()
+        # would pass each read through three more generators, a decoder and a chunker that change nothing.
+        for data in self._response.stream:
             pending += data
             if b"\r" in pending:
                 pending = pending.replace(b"\r\n", b"\n")
@@ -161,6 +171,8 @@ class HttpStream:
                 if lines:
                     payloads.append(b"\n".join(lines))
             if payloads:
+                if body is not None and DONE in payloads:
+                    body.read_timeout = body.call_read_timeout
                 yield payloads
 
     def abort(self) -> None:
@@ -267,7 +279,7 @@ class StreamRelay:
         self._on_complete = on_complete  # called with the stored answer of a stream that completed (the cache)
         self._record_usage = record_usage  # the usage ledger's row, written once the stream has ended (genapi.usage)
         self._reservation = reservation  # the key's token budget held for this stream (genapi.budgets), or None
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._upstream = None
         self._aborted = False
         self._started = time.monotonic()

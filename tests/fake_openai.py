@@ -36,7 +36,8 @@ class Stream:
 
     Positions count the text chunks from 0. At `hold_at` the server waits for release() (or for the client to go);
     at `silent_at` it is silent for `silence` seconds; at `cut_at` it drops the connection mid-body; at `error_at`
-    it sends an error object and ends the body. `gap` is the pause before every chunk.
+    it sends an error object and ends the body. `gap` is the pause before every chunk. With `end_held`, the end of
+    the body (after [DONE]) waits for release() (or for the client to go).
     """
 
     hold_at: int | None = None
@@ -49,6 +50,7 @@ class Stream:
     gap: float = 0.0
     usage_counts: dict | None = None  # the usage chunk's counts, instead of the true ones
     request_id: str | None = None  # the x-request-id header, instead of req_fake_<n>; "" sends none
+    end_held: bool = False
 
 
 @dataclass
@@ -341,6 +343,8 @@ class FakeOpenAI:
                     await send({"choices": [], "usage": script.usage_counts or completion["usage"]})
                 if script.finish:
                     await send("[DONE]")
+                if script.end_held and await wait(self._release.wait()):
+                    return self._abandoned()
             writer.write(b"0\r\n\r\n")
             await writer.drain()
             return True

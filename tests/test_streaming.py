@@ -334,6 +334,26 @@ def test_client_that_stops_reading_closes_the_upstream_stream(make_streaming_app
     assert line["completion_tokens"] >= 1 and line["tokens_estimated"] is True
 
 
+def test_streams_one_after_another_reuse_one_upstream_connection(stream, fake_openai):
+    for _ in range(3):
+        _, events = stream()
+        assert events[-1][0] == "done"
+    assert fake_openai.connections == 1
+
+
+def test_a_model_server_that_never_ends_its_body_after_done_is_hung_up_on(make_streaming_app, fake_openai):
+    # A stream's reads wait without a timeout while the relay bounds them; once [DONE] is in, the relay may have
+    # ended, and the call's own read timeout (the stream bounds' longest, and 5 s) bounds the wait for the end.
+    fake_openai.then(Stream(end_held=True))
+    app = make_streaming_app(stream_first_token_timeout=1, stream_idle_timeout=1)
+    response = app.test_client().post("/generate", json={"prompt": "a b c", "stream": True},
+                                      headers={"X-API-KEY": USER_KEY})
+    events = parse_events(response.get_data(as_text=True))
+    response.close()
+    assert texts(events) == "echo: a b c" and events[-1][0] == "done"
+    assert fake_openai.wait_for_abandoned_streams(1, timeout=30)
+
+
 def test_batch_takes_no_stream_field(client):
     response = client.post("/generate/batch", json={"prompts": ["a"], "stream": True}, headers={"X-API-KEY": ADMIN_KEY})
     assert response.status_code == 422 and response.get_json()["error"]["param"] == "stream"
