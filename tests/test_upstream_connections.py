@@ -102,6 +102,14 @@ def test_the_connection_idle_longest_is_closed_once_it_outlives_the_keep_alive_e
         assert not oldest.is_open
 
 
+def test_idle_connections_are_closed_once_they_outlive_the_keep_alive_expiry_with_no_call_after_them(fake_openai):
+    transport = ConnectionPerCallTransport(max_idle=4, keepalive_expiry=0.2)
+    with httpx2.Client(transport=transport, base_url=fake_openai.base_url) as client:
+        assert together(fake_openai, 3, lambda: chat_status(client)) == [200, 200, 200]
+        assert fake_openai.wait_for_closed_connections(3, timeout=30)
+        assert len(transport._idle) == 0
+
+
 def test_the_sdks_platform_probe_runs_while_the_app_is_built_so_before_gunicorn_forks(fake_openai):
     openai_base_client.platform_headers.cache_clear()  # as in a fresh process
     app = generate_app(fake_openai)
