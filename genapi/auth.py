@@ -40,7 +40,12 @@ def authenticate(bearer: bool = False) -> Client:
         # Counted against the caller's address by AUTH_FAILURE_LIMIT (genapi.limits), to slow down key guessing.
         g.authentication_failed = True
         if not presented:
-            where = "the X-API-KEY header or as Authorization: Bearer" if bearer else "the X-API-KEY header"
+            if bearer:
+                where = "the X-API-KEY header or as Authorization: Bearer"
+            elif request.headers.get("Authorization", "").lower().startswith("bearer"):
+                where = "the X-API-KEY header (Authorization: Bearer is taken on /v1/* only)"
+            else:
+                where = "the X-API-KEY header"
             raise ApiError(401, missing_key_message(where), code="missing_api_key")
         raise ApiError(403, "The key is not accepted." if bearer else "The X-API-KEY is not accepted.", code="invalid_api_key")
     g.client = client

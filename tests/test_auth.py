@@ -65,3 +65,13 @@ def test_malformed_key_entry_stops_start_up_naming_api_keys(entry, capsys, monke
 def test_a_missing_keys_401_says_where_keys_come_from(client):
     message = client.post("/generate", json={"prompt": "x"}).get_json()["error"]["message"]
     assert "X-API-KEY" in message and "API_KEYS" in message and ".env" in message
+
+
+def test_a_bearer_key_on_generate_is_401_saying_bearer_is_for_v1_only(client, upstream):
+    response = client.post("/generate", json={"prompt": "x"}, headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert response.status_code == 401
+    error = response.get_json()["error"]
+    assert error["code"] == "missing_api_key"
+    assert "X-API-KEY" in error["message"] and "/v1/* only" in error["message"]
+    assert USER_KEY not in response.get_data(as_text=True)
+    assert upstream.calls == 0
