@@ -2,7 +2,7 @@
 
 One StreamRelay owns a stream's whole life. A reader thread (a greenlet under gevent) makes the upstream call and
 reads its SSE lines onto a queue; the relay is the WSGI response iterable, waiting on that queue, and woken by the
-worker's StreamClock when a heartbeat is due while the model is silent, or when the stream is past a bound. Its
+worker's stream clock when a heartbeat is due while the model is silent, or when the stream is past a bound. Its
 close(), which the WSGI server calls when the stream ends or the client goes away, closes the upstream, settles
 usage, counts the metrics and writes the stream's one log line. It needs no Flask request context: what it needs
 is captured when it is built.
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from flask import Response, g, request
 
 from genapi import metrics
+from genapi.clock import ProcessClock, members
 from genapi.errors import ApiError
 from genapi.logs import log_stream
-from genapi.pid import current_pid
 from genapi.upstream_values import finish_reason as bounded_finish_reason
 from genapi.upstream_values import model_name, upstream_id, usage_count
 
@@ -58,61 +58,25 @@ _shutdown_at = math.inf
 _live_relays: "weakref.WeakSet[StreamRelay]" = weakref.WeakSet()
 
 
-class StreamClock:
-    """Wakes each stream of this process when its next heartbeat or bound is due: one thread for all of them.
-
-    A stream waits on its queue without a timeout. A timed wait per chunk would start and cancel a timer per chunk
-    (under gevent, a Timeout and a libev timer each time), a few percent of the relay's CPU. The clock looks every
-    `resolution` seconds, a quarter of the shortest limit a stream of this process has (at most 0.25 s), so a
-    heartbeat or a bound is late by at most that; while no stream runs, it rests.
-    """
-
-    LONGEST_RESOLUTION = 0.25
-
-    def __init__(self):
-        self.resolution = self.LONGEST_RESOLUTION
-        self._pid: int | None = None
-        self._lock = threading.Lock()
-        self._streams_running = threading.Event()  # set when a stream begins; the clock rests while there is none
-        self._tick = threading.Event()  # never set: waiting on it is the clock's sleep
-
-    def watch(self, limits: "StreamLimits") -> None:
-        """Called for each stream, once it is live; starts the clock in a process that has none yet (a worker,
-        once forked), or wakes it."""
-        shortest = min(limits.heartbeat, limits.first_token, limits.idle, limits.total)
-        self.resolution = min(self.resolution, shortest / 4)
-        if self._pid != current_pid():
-            with self._lock:
-                if self._pid != current_pid():
-                    self._pid = current_pid()
-                    self._streams_running = threading.Event()
-                    threading.Thread(target=self._run, name="genapi-stream-clock", daemon=True).start()
-        self._streams_running.set()
-
-    def _run(self) -> None:
-        while True:
-            self._streams_running.clear()  # cleared before looking, so a stream that begins now sets it again
-            if not _live_relays:
-                self._streams_running.wait()
-            self._tick.wait(self.resolution)
-            now = time.monotonic()
-            try:
-                relays = list(_live_relays)
-            except RuntimeError:  # a stream began or ended in another thread meanwhile: look again next time
-                continue
-            for relay in relays:
-                if relay.wake_at <= now:
-                    relay.wake()
+def _wake_due_relays(now: float) -> None:
+    for relay in members(_live_relays):
+        if relay.wake_at <= now:
+            relay.wake()
 
 
-_clock = StreamClock()
+# Wakes each stream of this process when its next heartbeat or bound is due: one thread for all of them. A stream
+# waits on its queue without a timeout: a timed wait per chunk would start and cancel a timer per chunk (under
+# gevent, a Timeout and a libev timer each time), a few percent of the relay's CPU. The clock looks every quarter
+# of the shortest limit a stream of this process has (at most every 0.25 s), so a heartbeat or a bound is late by
+# at most that; while no stream runs, it rests.
+_clock = ProcessClock("genapi-stream-clock", 0.25, tick=_wake_due_relays, has_work=lambda: bool(_live_relays))
 
 
 def begin_shutdown(seconds: float) -> None:
     """The worker stops in `seconds`: every stream still running by then ends with an error event, not a cut."""
     global _shutdown_at
     _shutdown_at = time.monotonic() + seconds
-    for relay in list(_live_relays):
+    for relay in members(_live_relays):
         relay.wake()
 
 
@@ -344,7 +308,8 @@ class StreamRelay:
 
     def response(self) -> Response:
         _live_relays.add(self)
-        _clock.watch(self._limits)
+        limits = self._limits
+        _clock.wake(min(limits.heartbeat, limits.first_token, limits.idle, limits.total) / 4)
         metrics.STREAMS_IN_FLIGHT.inc()
         # Passed through to the WSGI server as it is: werkzeug would wrap each chunk in two more generators.
         return Response(self, mimetype=SSE_MEDIA_TYPE, headers=SSE_HEADERS, direct_passthrough=True)
@@ -444,7 +409,7 @@ class StreamRelay:
                 yield HEARTBEAT  # a client that went away without a FIN makes this write fail: close() follows
                 continue
             self.wake_at = min(bound, heartbeat_at)
-            kind, value = self._queue.get()  # a chunk, or the clock (StreamClock) when the wait is over
+            kind, value = self._queue.get()  # a chunk, or the stream clock when the wait is over
             if kind == BATCH:
                 out, done_seen = self._read_batch(value)
                 if done_seen and self._ending is None:  # [DONE]: the answer is whole, whatever else the body holds

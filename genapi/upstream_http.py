@@ -8,7 +8,6 @@ network backend of a one-connection transport's pool, and the `select` module it
 
 import math
 import socket
-import threading
 import time
 import weakref
 import zlib
@@ -24,7 +23,7 @@ import openai
 from httpcore2._sync.http11 import HTTP11Connection
 from httpx2._transports.default import map_httpcore_exceptions
 
-from genapi.pid import current_pid
+from genapi.clock import ProcessClock, members
 
 
 class UpstreamAnswerRefused(openai.OpenAIError):
@@ -69,7 +68,7 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
     when its response is closed. httpcore2 still checks that one connection (keep-alive expiry, closed by the
     server) before using it, and each put-back closes the oldest idle connection once it has outlived the
     keep-alive expiry, so a burst's connections do not stay open for good once the load falls. In a process that
-    gets no more calls, the IdleConnectionReaper closes them instead: otherwise a worker left idle after a burst
+    gets no more calls, a reaper thread closes them instead: otherwise a worker left idle after a burst
     would hold hundreds of connections the model server has long closed on its side.
 
     With `attempt_seconds`, each call (one attempt of the SDK's) must be over within that many seconds, from
@@ -95,7 +94,7 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
         # (idle since, connection), oldest first; deque's append and pops are atomic, so gthread's threads may share it.
         self._idle: deque[tuple[float, KeptConnection]] = deque()
         self._closed = False
-        self._reaped_in: int | None = None  # the process whose IdleConnectionReaper knows this transport
+        _transports.add(self)
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
@@ -136,10 +135,7 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
             self.close()
             return
         self.close_expired(now)
-        if self._reaped_in != current_pid():  # the first put-back in this process
-            self._reaped_in = current_pid()
-            _reaper.watch(self)
-        _reaper.connection_idle()
+        _reaper.wake(self._limits.keepalive_expiry)
 
     def close_expired(self, now: float) -> None:
         """Close the idle connections that have outlived the keep-alive expiry, oldest first."""
@@ -148,10 +144,6 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
                 self._idle.popleft()[1].close()
         except IndexError:  # none left, or another thread took the last one
             pass
-
-    @property
-    def keepalive_expiry(self) -> float:
-        return self._limits.keepalive_expiry
 
     @property
     def has_idle(self) -> bool:
@@ -166,57 +158,17 @@ class ConnectionPerCallTransport(httpx2.BaseTransport):
                 break
 
 
-class IdleConnectionReaper:
-    """Closes the idle upstream connections of every transport of this process once they outlive their keep-alive
-    expiry, while no call comes to do it: one thread for all (a greenlet under gevent).
-
-    It starts at the first put-back in a process (so in each worker, after the fork), looks every shortest expiry,
-    and rests while no connection is idle.
-    """
-
-    def __init__(self):
-        self._transports: "weakref.WeakSet[ConnectionPerCallTransport]" = weakref.WeakSet()
-        self._interval = math.inf
-        self._pid: int | None = None
-        self._lock = threading.Lock()
-        self._connections_idle = threading.Event()  # set at a put-back; the reaper rests while it is clear
-
-    def watch(self, transport: "ConnectionPerCallTransport") -> None:
-        """A transport's first put-back in this process; starts the reaper in a process that has none yet."""
-        with self._lock:
-            if self._pid != current_pid():
-                self._pid = current_pid()
-                self._transports = weakref.WeakSet()
-                self._interval = math.inf
-                self._connections_idle = threading.Event()
-                threading.Thread(target=self._run, name="genapi-idle-reaper", daemon=True).start()
-            self._transports.add(transport)
-            self._interval = min(self._interval, transport.keepalive_expiry)
-
-    def connection_idle(self) -> None:
-        """Called at each put-back: wakes a resting reaper."""
-        if not self._connections_idle.is_set():
-            self._connections_idle.set()
-
-    def _run(self) -> None:
-        connections_idle = self._connections_idle
-        tick = threading.Event()  # never set: waiting on it is the reaper's sleep
-        while True:
-            connections_idle.clear()  # cleared before looking, so a put-back from now on sets it again
-            try:
-                transports = list(self._transports)
-            except RuntimeError:  # a transport was added in another thread meanwhile: look again
-                continue
-            if not any(transport.has_idle for transport in transports):
-                connections_idle.wait()
-            tick.wait(self._interval)
-            now = time.monotonic()
-            for transport in transports:
-                transport.close_expired(now)
-            del transports
+def _close_expired_connections(now: float) -> None:
+    for transport in members(_transports):
+        transport.close_expired(now)
 
 
-_reaper = IdleConnectionReaper()
+# Every transport of the process, for the reaper: built in gunicorn's master, so known to every worker.
+_transports: "weakref.WeakSet[ConnectionPerCallTransport]" = weakref.WeakSet()
+# Closes idle connections once they outlive their keep-alive expiry while no call comes to do it, looking every
+# shortest expiry, resting while no connection is idle.
+_reaper = ProcessClock("genapi-idle-reaper", math.inf, tick=_close_expired_connections,
+                       has_work=lambda: any(transport.has_idle for transport in members(_transports)))
 
 
 class KeptConnection:
