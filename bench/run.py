@@ -1,7 +1,10 @@
 """genapi's benchmark: the Procfile's service against the fake upstream, loaded by wrk, in one run.
 
-    .venv/bin/python bench/run.py            # the full run, about 7 minutes; prints the tables for docs/benchmark*.md
+    .venv-bench/bin/python bench/run.py      # the full run, about 12 minutes; prints the tables for docs/benchmark*.md
     .venv/bin/python bench/run.py --quick    # every scenario for ~2 s with fewer clients; CI's smoke, asserts no speed
+
+The service runs from this Python's environment; for a measurement, one with only what a deploy installs
+(docs/benchmark.md: `.venv-bench`).
 
 With PostgreSQL reachable (BENCH_POSTGRES_URL, default the local one), it runs the service again on a database of
 its own, with a key from the database and the usage ledger writing there, for the rows named "PostgreSQL".
@@ -19,6 +22,7 @@ paced or silent, loaded by bench/stream_load.js (Node.js), which times every eve
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -143,6 +147,49 @@ def memory_mb(root: int) -> tuple[float, float]:
         except (OSError, AttributeError):
             continue
     return rss / 2**20, pss / 2**20
+
+
+# What a deploy installs: the service's requirements and the optional C parser (docs/speedups.md).
+RUNTIME_REQUIREMENTS = ("requirements.txt", "requirements-speedups.txt")
+REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
+EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def packages_beyond_runtime() -> list[str]:
+    """The installed distributions a deploy would not have: all but what RUNTIME_REQUIREMENTS pull in.
+
+    They are not inert: a library imports an optional package when it finds it installed (httpcore2 imports trio,
+    which selenium brings), so the service's memory is measured against its target only without them. Markers other
+    than extras are not evaluated, which can only let a package through, never flag one wrongly.
+    """
+    installed = {normalized(d.metadata["Name"]): d for d in importlib.metadata.distributions()}
+    seen: set[tuple[str, frozenset]] = set()
+    todo = []
+    for name in RUNTIME_REQUIREMENTS:
+        for line in (ROOT / name).read_text().splitlines():
+            match = REQUIREMENT_NAME.match(line.split("#", 1)[0])
+            if match and not line.lstrip().startswith("-"):
+                todo.append((match.group(1), match.group(2) or ""))
+    while todo:
+        name, extras = todo.pop()
+        key = normalized(name)
+        requested = {normalized(extra) for extra in extras.split(",") if extra.strip()}
+        if (key, frozenset(requested)) in seen or key not in installed:
+            continue
+        seen.add((key, frozenset(requested)))
+        for requirement in installed[key].requires or []:
+            requirement_name, _, marker = requirement.partition(";")
+            extra = EXTRA_MARKER.search(marker)
+            if extra and normalized(extra.group(1)) not in requested:
+                continue
+            match = REQUIREMENT_NAME.match(requirement_name)
+            todo.append((match.group(1), match.group(2) or ""))
+    needed = {key for key, _ in seen} | {"pip", "setuptools", "wheel"}
+    return sorted(installed[key].metadata["Name"] for key in installed.keys() - needed)
 
 
 def wait_for_200(url: str, seconds: float = 10, body: bytes | None = None) -> None:
@@ -391,8 +438,12 @@ def run(plan: Plan, workdir: Path) -> list[Row]:
         # RSS counts the pages a worker shares with the master once per process; PSS splits them, so the PSS sum is
         # what the service's processes hold in memory together.
         rss, pss = memory_mb(service.process.pid)
-        rows.append(Row("memory after the runs (all processes)", rss_mb=rss, versus=f"PSS sum {pss:.0f} MB (RSS sum {rss:.0f})",
-                        target=verdict(pss < 150)))  # fmt: skip
+        extras = packages_beyond_runtime()
+        versus = f"PSS sum {pss:.0f} MB (RSS sum {rss:.0f})"
+        if extras:  # the target is for what a deploy runs
+            versus += f"; beside {len(extras)} installed packages that a deploy lacks"
+        rows.append(Row("memory after the runs (all processes)", rss_mb=rss, versus=versus,
+                        target="n/a: not a deploy's environment (docs/benchmark.md)" if extras else verdict(pss < 150)))  # fmt: skip
     finally:
         service.terminate()
         upstream.stop()
