@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, http_client: httpx2.Client | No
         "keys": KeyRing(
             split_list(settings.api_keys.get_secret_value()),
             split_list(settings.admin_api_keys.get_secret_value()),
-            DatabaseKeys(database.session, settings.key_cache_seconds),
+            DatabaseKeys(database.engine, settings.key_cache_seconds),
         ),
         "provider": build_provider(settings, http_client),
         "redis": redis_state,

@@ -11,13 +11,13 @@ from typing import Annotated, Literal
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from limits import parse_many
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import select
+from sqlalchemy import Engine, insert, select, update
 
 from genapi.auth import authenticate
 from genapi.budget_periods import PERIODS, parse_key_budget
 from genapi.errors import ApiError
 from genapi.keys import Client, new_database_key, new_secret, utc_now
-from genapi.models import ApiKey, AuditEntry
+from genapi.models import api_keys, audit_log
 from genapi.schemas import WholeNumber, parse_body
 from genapi.usage import UsageReport
 
@@ -163,22 +163,23 @@ def iso(moment: datetime | None) -> str | None:
     return moment.replace(tzinfo=timezone.utc).isoformat() if moment else None
 
 
-def key_view(row: ApiKey, now: datetime | None = None) -> dict:
+def key_view(row, now: datetime | None = None) -> dict:
+    """A key's public fields, from its row (a mapping of column names): never its digests."""
     now = now or utc_now()
-    status = "revoked" if row.revoked_at else "expired" if row.expires_at and now >= row.expires_at else "active"
+    status = "revoked" if row["revoked_at"] else "expired" if row["expires_at"] and now >= row["expires_at"] else "active"
     return {
-        "id": row.id,
-        "name": row.name,
-        "role": row.role,
+        "id": row["id"],
+        "name": row["name"],
+        "role": row["role"],
         "source": "database",
         "status": status,
-        "rate_limit": row.rate_limit,
-        "allowed_models": row.allowed_models,
-        "token_budget": row.token_budget,
-        "expires_at": iso(row.expires_at),
-        "revoked_at": iso(row.revoked_at),
-        "created_at": iso(row.created_at),
-        "updated_at": iso(row.updated_at),
+        "rate_limit": row["rate_limit"],
+        "allowed_models": row["allowed_models"],
+        "token_budget": row["token_budget"],
+        "expires_at": iso(row["expires_at"]),
+        "revoked_at": iso(row["revoked_at"]),
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
     }
 
 
@@ -199,15 +200,15 @@ def environment_view(client: Client) -> dict:
     }
 
 
-def audit_view(entry: AuditEntry) -> dict:
+def audit_view(entry) -> dict:
     return {
-        "id": entry.id,
-        "at": iso(entry.at),
-        "actor": entry.actor,
-        "action": entry.action,
-        "key_id": entry.key_id,
-        "before": entry.before,
-        "after": entry.after,
+        "id": entry["id"],
+        "at": iso(entry["at"]),
+        "actor": entry["actor"],
+        "action": entry["action"],
+        "key_id": entry["key_id"],
+        "before": entry["before"],
+        "after": entry["after"],
     }
 
 
@@ -219,113 +220,111 @@ class KeyFromEnvironment(Exception):
     pass
 
 
-# The operations, shared by the admin API and the CLI. Each takes a session factory and the actor's name.
+# The operations, shared by the admin API and the CLI. Each takes the database's engine and the actor's name; a
+# change and its audit row are one transaction.
 
 
-def _audit(session, actor: str, action: str, key_id: str, before: dict | None, after: dict | None, now: datetime):
-    session.add(AuditEntry(at=now, actor=actor, action=action, key_id=key_id, before=before, after=after))
+def _audit(connection, actor: str, action: str, key_id: str, before: dict | None, after: dict | None, now: datetime):
+    connection.execute(
+        insert(audit_log).values(at=now, actor=actor, action=action, key_id=key_id, before=before, after=after)
+    )
 
 
-def _load(session, key_id: str) -> ApiKey:
+def _load(connection, key_id: str) -> dict:
+    """A database key's row, as a dict of its columns."""
     if key_id.startswith(ENVIRONMENT_ID_PREFIX):
         raise KeyFromEnvironment(key_id)
-    row = session.get(ApiKey, key_id)
+    row = connection.execute(select(api_keys).where(api_keys.c.id == key_id)).mappings().first()
     if row is None:
         raise KeyNotFound(key_id)
-    return row
+    return dict(row)
 
 
-def create_key(sessions, actor: str, fields: KeyCreate) -> dict:
+def _change(connection, actor: str, action: str, row: dict, changes: dict, now: datetime, noted: dict | None = None) -> dict:
+    """Write changes to a key's row and the audit row saying so; the key's view after them."""
+    before = key_view(row, now)
+    changes = changes | {"updated_at": now}
+    connection.execute(update(api_keys).where(api_keys.c.id == row["id"]).values(changes))
+    after = key_view(row | changes, now)
+    _audit(connection, actor, action, row["id"], before, after | (noted or {}), now)
+    return after
+
+
+def create_key(engine: Engine, actor: str, fields: KeyCreate) -> dict:
     """A new key: its view, with the whole key under `key`, once."""
     key_id, key, secret_digest = new_database_key()
     now = utc_now()
-    with sessions.begin() as session:
-        row = ApiKey(
-            id=key_id, name=fields.name, role=fields.role, secret_digest=secret_digest, rate_limit=fields.rate_limit,
-            allowed_models=fields.allowed_models, token_budget=fields.token_budget, expires_at=fields.expires_at,
-            created_at=now, updated_at=now,
-        )
-        session.add(row)
-        view = key_view(row, now)
-        _audit(session, actor, "key.created", key_id, None, view, now)
+    row = {
+        "id": key_id, "name": fields.name, "role": fields.role, "secret_digest": secret_digest,
+        "previous_secret_digest": None, "previous_valid_until": None, "rate_limit": fields.rate_limit,
+        "allowed_models": fields.allowed_models, "token_budget": fields.token_budget, "expires_at": fields.expires_at,
+        "revoked_at": None, "created_at": now, "updated_at": now,
+    }  # fmt: skip
+    view = key_view(row, now)
+    with engine.begin() as connection:
+        connection.execute(insert(api_keys).values(row))
+        _audit(connection, actor, "key.created", key_id, None, view, now)
     return view | {"key": key}
 
 
-def list_keys(sessions, environment_clients: list[Client]) -> list[dict]:
-    with sessions() as session:
-        rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)).all()
-        now = utc_now()
-        return [environment_view(c) for c in environment_clients] + [key_view(row, now) for row in rows]
+def list_keys(engine: Engine, environment_clients: list[Client]) -> list[dict]:
+    with engine.connect() as connection:
+        rows = connection.execute(select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)).mappings().all()
+    now = utc_now()
+    return [environment_view(c) for c in environment_clients] + [key_view(row, now) for row in rows]
 
 
-def read_key(sessions, key_id: str, environment_clients: list[Client]) -> dict:
+def read_key(engine: Engine, key_id: str, environment_clients: list[Client]) -> dict:
     if key_id.startswith(ENVIRONMENT_ID_PREFIX):
         for client in environment_clients:
             if ENVIRONMENT_ID_PREFIX + client.name == key_id:
                 return environment_view(client)
         raise KeyNotFound(key_id)
-    with sessions() as session:
-        return key_view(_load(session, key_id))
+    with engine.connect() as connection:
+        return key_view(_load(connection, key_id))
 
 
-def update_key(sessions, actor: str, key_id: str, fields: KeyUpdate) -> dict:
+def update_key(engine: Engine, actor: str, key_id: str, fields: KeyUpdate) -> dict:
     now = utc_now()
-    with sessions.begin() as session:
-        row = _load(session, key_id)
-        before = key_view(row, now)
-        changes = fields.model_dump(exclude_unset=True)
-        if "name" in changes and changes["name"] is None:
-            changes.pop("name")  # a key always has a name
-        for field, value in changes.items():
-            setattr(row, field, value)
-        row.updated_at = now
-        after = key_view(row, now)
-        _audit(session, actor, "key.updated", key_id, before, after, now)
-    return after
+    changes = fields.model_dump(exclude_unset=True)
+    if "name" in changes and changes["name"] is None:
+        changes.pop("name")  # a key always has a name
+    with engine.begin() as connection:
+        return _change(connection, actor, "key.updated", _load(connection, key_id), changes, now)
 
 
-def revoke_key(sessions, actor: str, key_id: str) -> dict:
+def revoke_key(engine: Engine, actor: str, key_id: str) -> dict:
     """Revoke a key, at once; revoking one already revoked changes nothing and records nothing."""
     now = utc_now()
-    with sessions.begin() as session:
-        row = _load(session, key_id)
-        if row.revoked_at is not None:
+    with engine.begin() as connection:
+        row = _load(connection, key_id)
+        if row["revoked_at"] is not None:
             return key_view(row, now)
-        before = key_view(row, now)
-        row.revoked_at = now
-        row.updated_at = now
-        after = key_view(row, now)
-        _audit(session, actor, "key.revoked", key_id, before, after, now)
-    return after
+        return _change(connection, actor, "key.revoked", row, {"revoked_at": now}, now)
 
 
-def rotate_key(sessions, actor: str, key_id: str, grace_seconds: int) -> dict:
+def rotate_key(engine: Engine, actor: str, key_id: str, grace_seconds: int) -> dict:
     """A new secret for the key; the old one stops now, or after grace_seconds."""
     now = utc_now()
-    with sessions.begin() as session:
-        row = _load(session, key_id)
-        before = key_view(row, now)
-        key, secret_digest = new_secret(key_id)
+    key, secret_digest = new_secret(key_id)
+    with engine.begin() as connection:
+        row = _load(connection, key_id)
         if grace_seconds:
-            row.previous_secret_digest = row.secret_digest
-            row.previous_valid_until = now + timedelta(seconds=grace_seconds)
+            previous = {"previous_secret_digest": row["secret_digest"],
+                        "previous_valid_until": now + timedelta(seconds=grace_seconds)}  # fmt: skip
         else:
-            row.previous_secret_digest = None
-            row.previous_valid_until = None
-        row.secret_digest = secret_digest
-        row.updated_at = now
-        after = key_view(row, now)
-        change = {"grace_seconds": grace_seconds, "previous_valid_until": iso(row.previous_valid_until)}
-        _audit(session, actor, "key.rotated", key_id, before, after | change, now)
+            previous = {"previous_secret_digest": None, "previous_valid_until": None}
+        noted = {"grace_seconds": grace_seconds, "previous_valid_until": iso(previous["previous_valid_until"])}
+        after = _change(connection, actor, "key.rotated", row, previous | {"secret_digest": secret_digest}, now, noted)
     return after | {"key": key}
 
 
-def read_audit(sessions, key_id: str | None, limit: int) -> list[dict]:
-    with sessions() as session:
-        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
-        if key_id:
-            query = query.where(AuditEntry.key_id == key_id)
-        return [audit_view(entry) for entry in session.scalars(query)]
+def read_audit(engine: Engine, key_id: str | None, limit: int) -> list[dict]:
+    query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+    if key_id:
+        query = query.where(audit_log.c.key_id == key_id)
+    with engine.connect() as connection:
+        return [audit_view(entry) for entry in connection.execute(query).mappings()]
 
 
 # The blueprint.
@@ -343,8 +342,8 @@ def genapi_state(name: str):
     return current_app.extensions["genapi"][name]
 
 
-def sessions():
-    return genapi_state("database").session
+def engine() -> Engine:
+    return genapi_state("database").engine
 
 
 def read_body(model: type[BaseModel], optional: bool = False):
@@ -375,7 +374,7 @@ def from_environment() -> ApiError:
 
 def keyed_operation(operation, key_id: str, *args):
     try:
-        result = operation(sessions(), g.client.name, key_id, *args)
+        result = operation(engine(), g.client.name, key_id, *args)
     except KeyNotFound:
         raise not_found(key_id) from None
     except KeyFromEnvironment:
@@ -387,14 +386,14 @@ def keyed_operation(operation, key_id: str, *args):
 @admin.post("/keys")
 def post_key():
     fields = read_body(KeyCreate)
-    response = jsonify(create_key(sessions(), g.client.name, fields))
+    response = jsonify(create_key(engine(), g.client.name, fields))
     response.status_code = 201
     return response
 
 
 @admin.get("/keys")
 def get_keys():
-    return jsonify(data=list_keys(sessions(), genapi_state("keys").environment_clients))
+    return jsonify(data=list_keys(engine(), genapi_state("keys").environment_clients))
 
 
 @admin.get("/keys/<key_id>")
@@ -403,12 +402,12 @@ def get_key(key_id: str):
     from genapi.usage import totals
 
     try:
-        view = read_key(sessions(), key_id, genapi_state("keys").environment_clients)
+        view = read_key(engine(), key_id, genapi_state("keys").environment_clients)
     except KeyNotFound:
         raise not_found(key_id) from None
     end = utc_now().date()
     database_id = None if view["source"] == "environment" else view["id"]
-    recent = totals(sessions(), end - timedelta(RECENT_USAGE_DAYS - 1), end, ("model", "day"), view["name"], database_id, only_key=True)
+    recent = totals(engine(), end - timedelta(RECENT_USAGE_DAYS - 1), end, ("model", "day"), view["name"], database_id, only_key=True)
     return jsonify(view | {"usage": recent})
 
 
@@ -423,9 +422,9 @@ def get_usage():
         raise invalid_query("group_by", "group by key, model and/or day, comma-separated")
     key_id = request.args.get("key_id") or None
     if key_id and key_id.startswith(ENVIRONMENT_ID_PREFIX):  # a key of API_KEYS: its rows are known by its name
-        report = totals(sessions(), start, end, group_by, key_id[len(ENVIRONMENT_ID_PREFIX):], None, only_key=True)
+        report = totals(engine(), start, end, group_by, key_id[len(ENVIRONMENT_ID_PREFIX):], None, only_key=True)
     else:
-        report = totals(sessions(), start, end, group_by, key_id=key_id, only_key=key_id is not None)
+        report = totals(engine(), start, end, group_by, key_id=key_id, only_key=key_id is not None)
     if request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv":
         return Response(as_csv(report), content_type="text/csv; charset=utf-8")
     return jsonify(report)
@@ -453,4 +452,4 @@ def get_audit():
         raise ApiError(422, "limit must be a whole number from 1 to 1000.", code="validation_error", param="limit",
                        fields=[{"param": "limit", "message": "must be a whole number from 1 to 1000"}])
     key_id = request.args.get("key_id") or None
-    return jsonify(data=read_audit(sessions(), key_id, int(limit)))
+    return jsonify(data=read_audit(engine(), key_id, int(limit)))

@@ -50,14 +50,14 @@ key_commands = AppGroup("keys", help="Database keys: the same operations as the 
 CLI_ACTOR = "cli"  # who the audit log names for a change made here
 
 
-def _sessions():
+def _engine():
     from genapi.database import schema_problem, upgrade
 
     database = current_app.extensions["genapi"]["database"]
     # As a server would at start-up: on a fresh clone, the first key comes before the first start.
     if database.is_sqlite and schema_problem(database.engine, database.url):
         upgrade(database.url)
-    return database.session
+    return database.engine
 
 
 def _print(value) -> None:
@@ -76,7 +76,7 @@ def _keyed(operation, key_id: str, *args):
     from genapi.admin import KeyFromEnvironment, KeyNotFound
 
     try:
-        result = operation(_sessions(), CLI_ACTOR, key_id, *args)
+        result = operation(_engine(), CLI_ACTOR, key_id, *args)
     except KeyNotFound:
         raise click.ClickException(f"no key has the id {key_id!r}") from None
     except KeyFromEnvironment:
@@ -103,7 +103,7 @@ def create_database_key(name, admin, rate_limit, allowed_models, expires_at, tok
         KeyCreate, name=name, role="admin" if admin else "user", rate_limit=rate_limit,
         allowed_models=_models(allowed_models), expires_at=expires_at, token_budget=token_budget,
     )
-    _print(create_key(_sessions(), CLI_ACTOR, fields))
+    _print(create_key(_engine(), CLI_ACTOR, fields))
 
 
 @key_commands.command("list")
@@ -111,7 +111,7 @@ def list_database_keys() -> None:
     """List every key, those of API_KEYS and ADMIN_API_KEYS included; never a secret."""
     from genapi.admin import list_keys
 
-    _print(list_keys(_sessions(), current_app.extensions["genapi"]["keys"].environment_clients))
+    _print(list_keys(_engine(), current_app.extensions["genapi"]["keys"].environment_clients))
 
 
 @key_commands.command("show")
@@ -121,7 +121,7 @@ def show_database_key(key_id) -> None:
     from genapi.admin import KeyNotFound, read_key
 
     try:
-        _print(read_key(_sessions(), key_id, current_app.extensions["genapi"]["keys"].environment_clients))
+        _print(read_key(_engine(), key_id, current_app.extensions["genapi"]["keys"].environment_clients))
     except KeyNotFound:
         raise click.ClickException(f"no key has the id {key_id!r}") from None
 
@@ -171,4 +171,4 @@ def audit_log(key_id, limit) -> None:
     """Print the audit log of admin actions, newest first."""
     from genapi.admin import read_audit
 
-    _print(read_audit(_sessions(), key_id, limit))
+    _print(read_audit(_engine(), key_id, limit))

@@ -17,7 +17,6 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import sessionmaker
 
 from config import Settings
 
@@ -103,12 +102,11 @@ def upgrade(url: str) -> None:
 
 
 class Database:
-    """The engine and sessions of one app: built once in create_app, shared by its workers after the fork."""
+    """The engine of one app: built once in create_app, shared by its workers after the fork."""
 
     def __init__(self, url: str):
         self.url = url
         self.engine = build_engine(url)
-        self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:

@@ -103,7 +103,7 @@ def new_secret(key_id: str) -> tuple[str, bytes]:
 
 @dataclass(frozen=True)
 class StoredKey:
-    """What a lookup needs of a database key, copied out of its row so that it outlives the session."""
+    """What a lookup needs of a database key, copied out of its row."""
 
     id: str
     name: str
@@ -144,8 +144,8 @@ class DatabaseKeys:
 
     MISSING = object()
 
-    def __init__(self, session_factory, ttl: float, clock=time.monotonic):
-        self._session = session_factory
+    def __init__(self, engine, ttl: float, clock=time.monotonic):
+        self._engine = engine
         self._ttl = ttl
         self._clock = clock
         self._cache: LRUCache = LRUCache(maxsize=100_000)  # id -> (read at, StoredKey or MISSING)
@@ -200,17 +200,19 @@ class DatabaseKeys:
         self._cache.pop(key_id, None)
 
     def read(self, key_id: str) -> StoredKey | None:
-        from genapi.models import ApiKey
+        from sqlalchemy import select
 
-        with self._session() as session:
-            row = session.get(ApiKey, key_id)
-            if row is None:
-                return None
-            return StoredKey(
-                row.id, row.name, row.role, row.secret_digest, row.previous_secret_digest, row.previous_valid_until,
-                row.rate_limit, tuple(row.allowed_models) if row.allowed_models is not None else None,
-                row.expires_at, row.revoked_at, key_budget(row),
-            )
+        from genapi.models import api_keys
+
+        with self._engine.connect() as connection:
+            row = connection.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        if row is None:
+            return None
+        return StoredKey(
+            row.id, row.name, row.role, row.secret_digest, row.previous_secret_digest, row.previous_valid_until,
+            row.rate_limit, tuple(row.allowed_models) if row.allowed_models is not None else None,
+            row.expires_at, row.revoked_at, key_budget(row),
+        )
 
 
 def key_budget(row) -> Budget | NoBudget | None:

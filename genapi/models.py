@@ -1,76 +1,69 @@
-"""The database's tables, as SQLAlchemy models: keys, the audit log of admin actions, and the usage ledger.
+"""The database's tables: keys, the audit log of admin actions, and the usage ledger.
 
-The schema itself is made and changed by the Alembic migrations in migrations/, never by `create_all`.
+They are SQLAlchemy Core tables, read and written with plain statements: nothing here needs an object per row,
+and SQLAlchemy's ORM would be ~6 MB more in every process. The schema itself is made and changed by the Alembic
+migrations in migrations/, never by `create_all`.
 """
 
-from datetime import datetime
+from sqlalchemy import JSON, Boolean, Column, DateTime, Float, Index, Integer, LargeBinary, MetaData, String, Table
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, LargeBinary, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-
-class Base(DeclarativeBase):
-    pass
-
+metadata = MetaData()
 
 # Every time is naive UTC: SQLite keeps no time zone, and one convention for both databases keeps queries alike.
 
-
-class ApiKey(Base):
-    """A client key made through the admin API or the CLI; the secret itself is never stored, only its digest."""
-
-    __tablename__ = "api_keys"
-
-    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # public: the `<id>` of `gk_<id>_<secret>`
-    name: Mapped[str] = mapped_column(String(64))
-    role: Mapped[str] = mapped_column(String(8))  # "user" or "admin"
-    secret_digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+# A client key made through the admin API or the CLI; the secret itself is never stored, only its digest.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(16), primary_key=True),  # public: the `<id>` of `gk_<id>_<secret>`
+    Column("name", String(64), nullable=False),
+    Column("role", String(8), nullable=False),  # "user" or "admin"
+    Column("secret_digest", LargeBinary(32), nullable=False),
     # After a rotation with a grace period, the old secret keeps working until previous_valid_until.
-    previous_secret_digest: Mapped[bytes | None] = mapped_column(LargeBinary(32))
-    previous_valid_until: Mapped[datetime | None] = mapped_column(DateTime)
-    rate_limit: Mapped[str | None] = mapped_column(String(100))  # None: RATE_LIMIT (or ADMIN_RATE_LIMIT) applies
-    allowed_models: Mapped[list[str] | None] = mapped_column(JSON)  # None: ALLOWED_MODELS applies
+    Column("previous_secret_digest", LargeBinary(32)),
+    Column("previous_valid_until", DateTime),
+    Column("rate_limit", String(100)),  # None: RATE_LIMIT (or ADMIN_RATE_LIMIT) applies
+    Column("allowed_models", JSON),  # None: ALLOWED_MODELS applies
     # "50000/day", or "none" for no budget at all; None: TOKEN_BUDGET (or ADMIN_TOKEN_BUDGET) applies.
-    token_budget: Mapped[str | None] = mapped_column(String(32))
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    Column("token_budget", String(32)),
+    Column("expires_at", DateTime),
+    Column("revoked_at", DateTime),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
 
+# One admin action, append-only: who (the admin key's name), when, what, and the key before and after.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False, index=True),
+    Column("actor", String(100), nullable=False),
+    Column("action", String(32), nullable=False),  # key.created, key.updated, key.rotated, key.revoked
+    Column("key_id", String(16), nullable=False, index=True),
+    Column("before", JSON),  # the key's public fields, never a secret or a digest
+    Column("after", JSON),
+)
 
-class AuditEntry(Base):
-    """One admin action, append-only: who (the admin key's name), when, what, and the key before and after."""
-
-    __tablename__ = "audit_log"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(DateTime, index=True)
-    actor: Mapped[str] = mapped_column(String(100))
-    action: Mapped[str] = mapped_column(String(32))  # key.created, key.updated, key.rotated, key.revoked
-    key_id: Mapped[str] = mapped_column(String(16), index=True)
-    before: Mapped[dict | None] = mapped_column(JSON)  # the key's public fields, never a secret or a digest
-    after: Mapped[dict | None] = mapped_column(JSON)
-
-
-class UsageRow(Base):
-    """One request that reached the model or the cache: who, what, how many tokens, how it ended. Never a prompt,
-    an output or a secret."""
-
-    __tablename__ = "usage"
-    __table_args__ = (Index("ix_usage_key_at", "key_name", "key_id", "at"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(DateTime, index=True)
-    request_id: Mapped[str] = mapped_column(String(128))
-    key_id: Mapped[str | None] = mapped_column(String(16))  # a database key's id; None for an API_KEYS key
-    key_name: Mapped[str] = mapped_column(String(64))
-    route: Mapped[str] = mapped_column(String(100))
-    model: Mapped[str] = mapped_column(String(200))
-    prompt_tokens: Mapped[int] = mapped_column(Integer)
-    completion_tokens: Mapped[int] = mapped_column(Integer)
-    estimated: Mapped[bool] = mapped_column(Boolean)  # counted by genapi (a stream cut short), not by the model
-    cached: Mapped[bool] = mapped_column(Boolean)
-    status: Mapped[int] = mapped_column(Integer)
-    error_code: Mapped[str | None] = mapped_column(String(64))
-    duration_ms: Mapped[float] = mapped_column(Float)
-    upstream_ms: Mapped[float | None] = mapped_column(Float)
+# One request that reached the model or the cache: who, what, how many tokens, how it ended. Never a prompt, an
+# output or a secret.
+usage_ledger = Table(
+    "usage",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False, index=True),
+    Column("request_id", String(128), nullable=False),
+    Column("key_id", String(16)),  # a database key's id; None for an API_KEYS key
+    Column("key_name", String(64), nullable=False),
+    Column("route", String(100), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("estimated", Boolean, nullable=False),  # counted by genapi (a stream cut short), not by the model
+    Column("cached", Boolean, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("error_code", String(64)),
+    Column("duration_ms", Float, nullable=False),
+    Column("upstream_ms", Float),
+    Index("ix_usage_key_at", "key_name", "key_id", "at"),
+)

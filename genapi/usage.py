@@ -32,7 +32,7 @@ from genapi.budget_periods import period_bounds
 from genapi.budgets import budgets
 from genapi.errors import ApiError
 from genapi.keys import utc_now
-from genapi.models import UsageRow
+from genapi.models import usage_ledger
 
 log = logging.getLogger("genapi")
 
@@ -167,13 +167,13 @@ def write_rows(connection, batch: list[dict]) -> None:
     row, about a twentieth of what a request costs in all.
     """
     if connection.dialect.name != "postgresql":
-        connection.execute(insert(UsageRow), batch)
+        connection.execute(insert(usage_ledger), batch)
         return
     from psycopg import Error, sql
 
-    columns = [column.name for column in UsageRow.__table__.columns if column.name != "id"]
+    columns = [column.name for column in usage_ledger.columns if column.name != "id"]
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(UsageRow.__tablename__), sql.SQL(", ").join(map(sql.Identifier, columns))
+        sql.Identifier(usage_ledger.name), sql.SQL(", ").join(map(sql.Identifier, columns))
     )
     try:
         with connection.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
@@ -293,28 +293,29 @@ def invalid_query(param: str, message: str) -> ApiError:
                     fields=[{"param": param, "message": message}])
 
 
-def totals(sessions, start: date, end: date, group_by: tuple[str, ...], key_name: str | None = None,
+def totals(engine, start: date, end: date, group_by: tuple[str, ...], key_name: str | None = None,
            key_id: str | None = None, only_key: bool = False) -> dict:
     """Requests and tokens from start to end (UTC days, both included), grouped by key, model and/or day."""
-    day = func.date(UsageRow.at)
-    columns = {"key": [UsageRow.key_name, UsageRow.key_id], "model": [UsageRow.model], "day": [day]}
+    ledger = usage_ledger.c
+    day = func.date(ledger.at)
+    columns = {"key": [ledger.key_name, ledger.key_id], "model": [ledger.model], "day": [day]}
     grouped = [column for group in GROUPS if group in group_by for column in columns[group]]
     shown = [day.label("day") if column is day else column for column in grouped]
     query = select(
         *shown,
         func.count().label("requests"),
-        func.coalesce(func.sum(UsageRow.prompt_tokens), 0).label("prompt_tokens"),
-        func.coalesce(func.sum(UsageRow.completion_tokens), 0).label("completion_tokens"),
-    ).where(UsageRow.at >= datetime.combine(start, time()), UsageRow.at <= datetime.combine(end, time.max))
+        func.coalesce(func.sum(ledger.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(ledger.completion_tokens), 0).label("completion_tokens"),
+    ).where(ledger.at >= datetime.combine(start, time()), ledger.at <= datetime.combine(end, time.max))
     if only_key:  # one key: a database key by its id, a key from API_KEYS by its name
-        query = query.where(UsageRow.key_id == key_id) if key_id else query.where(
-            UsageRow.key_name == key_name, UsageRow.key_id.is_(None)
+        query = query.where(ledger.key_id == key_id) if key_id else query.where(
+            ledger.key_name == key_name, ledger.key_id.is_(None)
         )
     if grouped:
         query = query.group_by(*grouped).order_by(*grouped)
     data = []
-    with sessions() as session:
-        for row in session.execute(query).mappings():
+    with engine.connect() as connection:
+        for row in connection.execute(query).mappings():
             item = {}
             if "key" in group_by:
                 item |= {"key_name": row["key_name"], "key_id": row["key_id"]}
@@ -353,8 +354,8 @@ def own_usage():
     """GET /v1/usage: the calling key's own requests and tokens by day and model."""
     client = authenticate()
     start, end = day_range()
-    sessions = current_app.extensions["genapi"]["database"].session
-    report = totals(sessions, start, end, ("model", "day"), client.name, client.key_id, only_key=True)
+    engine = current_app.extensions["genapi"]["database"].engine
+    report = totals(engine, start, end, ("model", "day"), client.name, client.key_id, only_key=True)
     return jsonify({"key_name": client.name, "key_id": client.key_id} | report | {"budget": budget_view(client)})
 
 

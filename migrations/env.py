@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from genapi.models import Base
+from genapi.models import metadata
 
 config = context.config
 url = config.attributes.get("url")
@@ -15,7 +15,7 @@ if url is None:  # run as `alembic upgrade head`, not through genapi.database.up
 
 engine = create_engine(url)
 with engine.connect() as connection:
-    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
 engine.dispose()

@@ -49,6 +49,31 @@ def test_the_schema_check_leaves_the_migration_tool_out_of_the_process_the_worke
     assert finished.stdout.splitlines()[-1].split() == ["False", "True"]  # after the log lines
 
 
+def test_the_app_loads_no_orm_into_the_process_the_workers_fork_from(tmp_path):
+    # The tables are Core tables: SQLAlchemy's ORM would be ~6 MB more in the master and so in every worker.
+    script = "from gevent import monkey; monkey.patch_all()\nimport sys, app\nprint('sqlalchemy.orm' in sys.modules)\n"
+    env = os.environ | {"API_KEYS": "k-0123456789abcdef", "OPENAI_API_KEY": "sk-test",
+                        "DATABASE_URL": f"sqlite:///{tmp_path}/fresh.sqlite3"}  # fmt: skip
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    assert finished.stdout.splitlines()[-1] == "False"
+
+
+def test_the_tables_the_code_uses_are_the_ones_the_migrations_make(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from genapi.database import upgrade
+    from genapi.models import metadata
+
+    url = f"sqlite:///{tmp_path}/migrated.sqlite3"
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+    engine.dispose()
+
+
 def test_a_schema_check_that_fails_unexpectedly_stops_start_up_showing_why(tmp_path):
     script = (
         "import genapi.database as database\n"

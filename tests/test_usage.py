@@ -9,7 +9,7 @@ import httpx2
 from sqlalchemy import func, select, text
 
 from genapi.database import Database, database_url, upgrade
-from genapi.models import UsageRow
+from genapi.models import usage_ledger
 from genapi.usage import Ledger
 from tests.conftest import ADMIN_KEY, USER_KEY, make_settings
 from tests.procfile import free_port
@@ -185,7 +185,7 @@ def test_rows_wait_while_the_database_is_away_and_arrive_once_it_is_back(private
     private_postgres.start()
     assert ledger.flush() is True and ledger.waiting == 0
     with ledger._database.engine.connect() as connection:
-        assert connection.execute(select(func.count()).select_from(UsageRow)).scalar() == 3
+        assert connection.execute(select(func.count()).select_from(usage_ledger)).scalar() == 3
 
 
 def test_rows_the_database_refuses_wait_and_arrive_once_it_takes_them(migrated_postgres_url):
@@ -201,4 +201,4 @@ def test_rows_the_database_refuses_wait_and_arrive_once_it_takes_them(migrated_p
         connection.execute(text("ALTER TABLE usage_elsewhere RENAME TO usage"))
     assert ledger.flush() is True and ledger.waiting == 0
     with database.engine.connect() as connection:
-        assert connection.execute(select(UsageRow.request_id).order_by(UsageRow.id)).scalars().all() == ["r0", "r1", "r2"]
+        assert connection.execute(select(usage_ledger.c.request_id).order_by(usage_ledger.c.id)).scalars().all() == ["r0", "r1", "r2"]
