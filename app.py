@@ -160,14 +160,10 @@ def read_json_body(model):
 
 
 def generation_from(options, prompt: str, client: Client) -> Generation:
-    """Apply the settings' model default and ALLOWED_MODELS (which bind users, not admins) to validated options."""
+    """Apply the settings' model default and the models the key may use to validated options."""
     settings: Settings = state("settings")
     model = options.model or settings.openai_model
-    # A key's own list of models (a database key's allowed_models) replaces ALLOWED_MODELS, for admins too.
-    if client.allowed_models is not None:
-        allowed = client.allowed_models
-    else:
-        allowed = () if client.is_admin else settings.allowed_models
+    allowed = client.bound_models(settings.allowed_models)
     if allowed and model not in allowed:
         message = f"model {model!r} is not allowed; allowed models: {', '.join(allowed)}"
         raise ApiError(422, message, code="model_not_allowed", param="model", fields=[{"param": "model", "message": message}])

@@ -42,6 +42,13 @@ class Client:
     # The key's own token budget, or NO_BUDGET for none at all; None: TOKEN_BUDGET (ADMIN_TOKEN_BUDGET for admins).
     budget: Budget | NoBudget | None = None
 
+    def bound_models(self, allowed_models) -> tuple[str, ...]:
+        """The models this key may ask for, empty for any: its own list (a database key's allowed_models) replaces
+        ALLOWED_MODELS, for admins too; without one, ALLOWED_MODELS binds users, not admins."""
+        if self.allowed_models is not None:
+            return self.allowed_models
+        return () if self.is_admin else tuple(allowed_models)
+
 
 @dataclass(frozen=True)
 class _Entry:

@@ -37,10 +37,11 @@ def invalid(param: str, message: str) -> ApiError:
                     fields=[{"param": param, "message": message}])
 
 
-def allowed_models() -> list[str]:
-    """The models a key may ask for: ALLOWED_MODELS, or without it the default model."""
+def listed_models(client) -> list[str]:
+    """The models GET /v1/models names: those the key may ask for, or without a list the ones ALLOWED_MODELS names,
+    or the default model."""
     settings: Settings = state("settings")
-    return settings.allowed_models or [settings.openai_model]
+    return list(client.bound_models(settings.allowed_models) or settings.allowed_models or [settings.openai_model])
 
 
 def read_chat_request(client) -> dict:
@@ -58,7 +59,8 @@ def read_chat_request(client) -> dict:
         raise invalid("messages", f"hold {characters} characters of text, more than {settings.max_prompt_chars}")
     model = body.get("model") or settings.openai_model
     body["model"] = model
-    if settings.allowed_models and model not in settings.allowed_models and not client.is_admin:
+    allowed = client.bound_models(settings.allowed_models)
+    if allowed and model not in allowed:
         raise ApiError(404, f"The model {model!r} does not exist or this key may not use it.", code="model_not_found",
                        param="model", error_type="invalid_request_error")
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
@@ -163,7 +165,6 @@ def stream_chat(body: dict) -> Response:
 @blueprint.get("/models")
 def list_models():
     """GET /v1/models: the models this key may ask for, in OpenAI's shape."""
-    authenticate(bearer=True)
-    models = allowed_models()
+    models = listed_models(authenticate(bearer=True))
     return jsonify(object="list", data=[{"id": model, "object": "model", "created": 0, "owned_by": "genapi"}
                                         for model in models])

@@ -84,6 +84,26 @@ def test_a_keys_own_models_override_allowed_models(db_app):
     assert code(generate(client, key, model="test-model")) == "model_not_allowed"
 
 
+def chat(client, key, model):
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
+    return client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_a_keys_own_models_override_allowed_models_on_v1_too(db_app):
+    client = db_app(allowed_models="test-model").test_client()
+    key = create(client, allowed_models=["other-model"])["key"]
+    assert chat(client, key, "other-model").status_code == 200
+    refused = chat(client, key, "test-model")
+    assert refused.status_code == 404 and code(refused) == "model_not_found"
+
+
+def test_v1_models_lists_a_keys_own_models(db_app):
+    client = db_app(allowed_models="test-model").test_client()
+    key = create(client, allowed_models=["other-model", "third-model"])["key"]
+    listed = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).get_json()["data"]
+    assert [model["id"] for model in listed] == ["other-model", "third-model"]
+
+
 def test_a_changed_limit_applies_at_once_on_the_instance_that_changed_it(db_app):
     client = db_app(rate_limit="100/minute").test_client()
     created = create(client)
