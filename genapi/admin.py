@@ -220,6 +220,10 @@ class KeyFromEnvironment(Exception):
     pass
 
 
+class KeyRevoked(Exception):
+    """A revoked key stays revoked: it cannot be changed or given a new secret."""
+
+
 # The operations, shared by the admin API and the CLI. Each takes the database's engine and the actor's name; a
 # change and its audit row are one transaction.
 
@@ -238,6 +242,14 @@ def _load(connection, key_id: str) -> dict:
     if row is None:
         raise KeyNotFound(key_id)
     return dict(row)
+
+
+def _load_active(connection, key_id: str) -> dict:
+    """A key's row, to change: a revoked key's secret could never be used again, so changing it would mislead."""
+    row = _load(connection, key_id)
+    if row["revoked_at"] is not None:
+        raise KeyRevoked(key_id)
+    return row
 
 
 def _change(connection, actor: str, action: str, row: dict, changes: dict, now: datetime, noted: dict | None = None) -> dict:
@@ -290,7 +302,10 @@ def update_key(engine: Engine, actor: str, key_id: str, fields: KeyUpdate) -> di
     if "name" in changes and changes["name"] is None:
         changes.pop("name")  # a key always has a name
     with engine.begin() as connection:
-        return _change(connection, actor, "key.updated", _load(connection, key_id), changes, now)
+        row = _load_active(connection, key_id)
+        if all(row[field] == value for field, value in changes.items()):  # nothing changes: nothing is recorded
+            return key_view(row, now)
+        return _change(connection, actor, "key.updated", row, changes, now)
 
 
 def revoke_key(engine: Engine, actor: str, key_id: str) -> dict:
@@ -308,7 +323,7 @@ def rotate_key(engine: Engine, actor: str, key_id: str, grace_seconds: int) -> d
     now = utc_now()
     key, secret_digest = new_secret(key_id)
     with engine.begin() as connection:
-        row = _load(connection, key_id)
+        row = _load_active(connection, key_id)
         if grace_seconds:
             previous = {"previous_secret_digest": row["secret_digest"],
                         "previous_valid_until": now + timedelta(seconds=grace_seconds)}  # fmt: skip
@@ -372,6 +387,11 @@ def from_environment() -> ApiError:
     return ApiError(409, message, code="key_from_environment")
 
 
+def revoked(key_id: str) -> ApiError:
+    message = f"The key {key_id[:64]!r} is revoked: it cannot be changed or rotated. Make a new key instead."
+    return ApiError(409, message, code="key_revoked")
+
+
 def keyed_operation(operation, key_id: str, *args):
     try:
         result = operation(engine(), g.client.name, key_id, *args)
@@ -379,6 +399,8 @@ def keyed_operation(operation, key_id: str, *args):
         raise not_found(key_id) from None
     except KeyFromEnvironment:
         raise from_environment() from None
+    except KeyRevoked:
+        raise revoked(key_id) from None
     changed(key_id)
     return jsonify(result)
 

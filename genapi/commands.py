@@ -73,7 +73,7 @@ def _validated(model, **fields):
 
 
 def _keyed(operation, key_id: str, *args):
-    from genapi.admin import KeyFromEnvironment, KeyNotFound
+    from genapi.admin import KeyFromEnvironment, KeyNotFound, KeyRevoked
 
     try:
         result = operation(_engine(), CLI_ACTOR, key_id, *args)
@@ -81,6 +81,8 @@ def _keyed(operation, key_id: str, *args):
         raise click.ClickException(f"no key has the id {key_id!r}") from None
     except KeyFromEnvironment:
         raise click.ClickException("this key is set in API_KEYS or ADMIN_API_KEYS; remove it there instead") from None
+    except KeyRevoked:
+        raise click.ClickException(f"the key {key_id!r} is revoked: it cannot be changed or rotated; make a new one") from None
     _print(result)
 
 

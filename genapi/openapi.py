@@ -58,7 +58,7 @@ ERROR_MEANINGS = {
     "(key_not_found).",
     405: "The route does not take this method (method_not_allowed); the Allow header lists those it takes.",
     409: "The key is set in API_KEYS or ADMIN_API_KEYS, so the API cannot change, rotate or revoke it "
-    "(key_from_environment).",
+    "(key_from_environment), or it is revoked, so it cannot be changed or rotated (key_revoked).",
     413: "The body is larger than MAX_CONTENT_LENGTH (body_too_large).",
     415: "The body is not sent as application/json (unsupported_media_type).",
     422: "A field is missing, of the wrong type, out of range or unknown (validation_error), or the model is not "

@@ -232,6 +232,28 @@ def test_every_admin_action_is_in_the_audit_log_with_who_and_the_key_before_and_
     assert client.get(f"/admin/audit?key_id={created['id']}&limit=1", headers=ADMIN).get_json()["data"] == entries[:1]
 
 
+def test_a_revoked_key_cannot_be_rotated_or_changed_and_nothing_is_recorded(db_app):
+    client = db_app().test_client()
+    created = create(client)
+    client.delete(f"/admin/keys/{created['id']}", headers=ADMIN)
+    rotated = client.post(f"/admin/keys/{created['id']}/rotate", headers=ADMIN)
+    assert rotated.status_code == 409 and code(rotated) == "key_revoked" and "key" not in rotated.get_json()
+    patched = client.patch(f"/admin/keys/{created['id']}", json={"name": "again"}, headers=ADMIN)
+    assert patched.status_code == 409 and code(patched) == "key_revoked"
+    entries = client.get(f"/admin/audit?key_id={created['id']}", headers=ADMIN).get_json()["data"]
+    assert [entry["action"] for entry in entries] == ["key.revoked", "key.created"]
+
+
+def test_a_change_that_changes_nothing_records_nothing(db_app):
+    client = db_app().test_client()
+    created = create(client, rate_limit="5/minute")
+    for body in ({}, {"rate_limit": "5/minute"}, {"name": None}):
+        unchanged = client.patch(f"/admin/keys/{created['id']}", json=body, headers=ADMIN)
+        assert unchanged.status_code == 200 and unchanged.get_json()["updated_at"] == created["updated_at"]
+    entries = client.get(f"/admin/audit?key_id={created['id']}", headers=ADMIN).get_json()["data"]
+    assert [entry["action"] for entry in entries] == ["key.created"]
+
+
 def test_an_audit_limit_out_of_range_is_a_422(client):
     response = client.get("/admin/audit?limit=0", headers=ADMIN)
     assert (response.status_code, code(response)) == (422, "validation_error")

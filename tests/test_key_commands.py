@@ -49,3 +49,7 @@ def test_a_wrong_option_or_an_unknown_id_fails_with_a_message(db_app):
     assert unknown.exit_code == 1 and "no key has the id" in unknown.output
     environment = runner.invoke(args=["keys", "revoke", "env-alice"])
     assert environment.exit_code == 1 and "API_KEYS" in environment.output
+    revoked = invoke(app, "keys", "create", "gone")["id"]
+    runner.invoke(args=["keys", "revoke", revoked])
+    rotated = runner.invoke(args=["keys", "rotate", revoked])
+    assert rotated.exit_code == 1 and "is revoked" in rotated.output
