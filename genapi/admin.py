@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from limits import parse_many
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 from sqlalchemy import Engine, insert, select, update
 
 from genapi.auth import authenticate
@@ -56,13 +57,33 @@ def _as_utc(value: datetime | None) -> datetime | None:
 _ONE_LIMIT = "[0-9]{1,9} *(/|per) *([0-9]{1,9} *)?(second|minute|hour|day|month|year)s?"
 RATE_LIMIT_PATTERN = f"^{_ONE_LIMIT}( *[;,] *{_ONE_LIMIT})*$"
 
-KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+
+def _in_words(explanation: str) -> WrapValidator:
+    """A value that does not match its pattern is refused with an explanation: pydantic's own message would show
+    the regular expression. The pattern itself stays in the OpenAPI document."""
+
+    def validate(value, handler):
+        try:
+            return handler(value)
+        except ValidationError as error:
+            if any(problem["type"] == "string_pattern_mismatch" for problem in error.errors()):
+                raise PydanticCustomError("string_pattern_mismatch", explanation) from None
+            raise
+
+    return WrapValidator(validate)
+
+
+KeyName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$"), _in_words("must be 1 to 64 letters, digits, . _ or -")
+]
 RateLimit = Annotated[
-    str, StringConstraints(min_length=1, max_length=100, pattern=RATE_LIMIT_PATTERN), AfterValidator(_check_rate_limit)
+    str, StringConstraints(min_length=1, max_length=100, pattern=RATE_LIMIT_PATTERN), AfterValidator(_check_rate_limit),
+    _in_words("is not a rate limit; write it like 60/minute or 10/second;500/hour"),
 ]
 TOKEN_BUDGET_PATTERN = f"^(none|[1-9][0-9]{{0,11}}/({'|'.join(PERIODS)})s?)$"
 TokenBudget = Annotated[
-    str, StringConstraints(max_length=32, pattern=TOKEN_BUDGET_PATTERN), AfterValidator(_check_token_budget)
+    str, StringConstraints(max_length=32, pattern=TOKEN_BUDGET_PATTERN), AfterValidator(_check_token_budget),
+    _in_words("is not a token budget; write it like 50000/day (per minute, hour, day or month), or none"),
 ]
 TOKEN_BUDGET_DESCRIPTION = (
     "The key's own token budget, tokens per calendar period in UTC (50000/day; minute, hour, day or month), or "

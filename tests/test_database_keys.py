@@ -254,6 +254,15 @@ def test_a_change_that_changes_nothing_records_nothing(db_app):
     assert [entry["action"] for entry in entries] == ["key.created"]
 
 
+def test_a_value_that_does_not_match_its_pattern_is_refused_in_words_not_with_the_pattern(client):
+    for field, value, words in (("rate_limit", "lots", "write it like 60/minute"), ("name", "a b", "letters, digits"),
+                                ("token_budget", "lots", "write it like 50000/day")):  # fmt: skip
+        refused = client.post("/admin/keys", json={"name": "team-a", field: value}, headers=ADMIN)
+        assert refused.status_code == 422 and code(refused) == "validation_error"
+        message = refused.get_json()["error"]["message"]
+        assert words in message and "pattern" not in message and "^" not in message, message
+
+
 def test_an_audit_limit_out_of_range_is_a_422(client):
     response = client.get("/admin/audit?limit=0", headers=ADMIN)
     assert (response.status_code, code(response)) == (422, "validation_error")
