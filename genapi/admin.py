@@ -162,6 +162,12 @@ class CreatedKey(KeyView):
     key: str = Field(description="The whole key, gk_<id>_<secret>; only its secret's digest is stored.")
 
 
+class RotatedKey(CreatedKey):
+    """What rotate answers with: the new key, and until when the old one still works."""
+
+    previous_valid_until: str | None = Field(description="When the old secret stops working; null: it stopped at once.")
+
+
 class KeyList(BaseModel):
     data: list[KeyView]
 
@@ -352,7 +358,7 @@ def rotate_key(engine: Engine, actor: str, key_id: str, grace_seconds: int) -> d
             previous = {"previous_secret_digest": None, "previous_valid_until": None}
         noted = {"grace_seconds": grace_seconds, "previous_valid_until": iso(previous["previous_valid_until"])}
         after = _change(connection, actor, "key.rotated", row, previous | {"secret_digest": secret_digest}, now, noted)
-    return after | {"key": key}
+    return after | {"key": key, "previous_valid_until": noted["previous_valid_until"]}
 
 
 def read_audit(engine: Engine, key_id: str | None, limit: int) -> list[dict]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from genapi.admin import AuditList, CreatedKey, KeyDetail, KeyList, KeyView
+from genapi.admin import AuditList, CreatedKey, KeyDetail, KeyList, KeyView, RotatedKey
 from genapi.errors import ERROR_TYPES
 from genapi.schemas import BatchResponse, ErrorResponse, GenerateResponse, HealthResponse, ModelList, ReadyResponse
 from genapi.usage import OwnUsage, UsageReport
@@ -199,7 +199,7 @@ ROUTES = [
         description="Every worker of every instance refuses it within KEY_CACHE_SECONDS (key_revoked).",
     ),
     Route(
-        "/admin/keys/{key_id}/rotate", "post", "Give a key a new secret", CreatedKey,
+        "/admin/keys/{key_id}/rotate", "post", "Give a key a new secret", RotatedKey,
         errors=ADMIN + JSON_BODY + (404, 409), body="KeyRotate", body_required=False, auth="admin",
         parameters=(KEY_ID,),
         description="The new key is in the answer, once. The old secret stops at once, or after grace_seconds.",

@@ -263,6 +263,16 @@ def test_a_value_that_does_not_match_its_pattern_is_refused_in_words_not_with_th
         assert words in message and "pattern" not in message and "^" not in message, message
 
 
+def test_a_rotation_says_until_when_the_old_secret_works(db_app):
+    client = db_app().test_client()
+    created = create(client)
+    at_once = client.post(f"/admin/keys/{created['id']}/rotate", headers=ADMIN).get_json()
+    assert at_once["previous_valid_until"] is None
+    graced = client.post(f"/admin/keys/{created['id']}/rotate", json={"grace_seconds": 3600}, headers=ADMIN).get_json()
+    until = datetime.fromisoformat(graced["previous_valid_until"])
+    assert timedelta(minutes=59) < until - datetime.now(timezone.utc) <= timedelta(hours=1)
+
+
 def test_an_audit_limit_out_of_range_is_a_422(client):
     response = client.get("/admin/audit?limit=0", headers=ADMIN)
     assert (response.status_code, code(response)) == (422, "validation_error")
