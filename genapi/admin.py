@@ -362,10 +362,13 @@ def rotate_key(engine: Engine, actor: str, key_id: str, grace_seconds: int) -> d
 
 
 def read_audit(engine: Engine, key_id: str | None, limit: int) -> list[dict]:
+    """The newest entries, or one key's; KeyNotFound for an id no database key has (keys are never deleted)."""
     query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
     if key_id:
         query = query.where(audit_log.c.key_id == key_id)
     with engine.connect() as connection:
+        if key_id and not key_id.startswith(ENVIRONMENT_ID_PREFIX):
+            _load(connection, key_id)
         return [audit_view(entry) for entry in connection.execute(query).mappings()]
 
 
@@ -471,8 +474,10 @@ def get_usage():
         raise invalid_query("group_by", "group by key, model and/or day, comma-separated")
     key_id = request.args.get("key_id") or None
     if key_id and key_id.startswith(ENVIRONMENT_ID_PREFIX):  # a key of API_KEYS: its rows are known by its name
+        # Known by name only, its rows stay readable after it left API_KEYS: no 404 for a name not there now.
         report = totals(engine(), start, end, group_by, key_id[len(ENVIRONMENT_ID_PREFIX):], None, only_key=True)
     else:
+        database_key_must_exist(key_id)
         report = totals(engine(), start, end, group_by, key_id=key_id, only_key=key_id is not None)
     if request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv":
         return Response(as_csv(report), content_type="text/csv; charset=utf-8")
@@ -501,4 +506,16 @@ def get_audit():
         raise ApiError(422, "limit must be a whole number from 1 to 1000.", code="validation_error", param="limit",
                        fields=[{"param": "limit", "message": "must be a whole number from 1 to 1000"}])
     key_id = request.args.get("key_id") or None
-    return jsonify(data=read_audit(engine(), key_id, int(limit)))
+    try:
+        return jsonify(data=read_audit(engine(), key_id, int(limit)))
+    except KeyNotFound:
+        raise not_found(key_id) from None
+
+
+def database_key_must_exist(key_id: str | None) -> None:
+    """A 404 for an id no database key has: keys are revoked, never deleted, so it can only be a wrong id."""
+    if key_id is not None:
+        try:
+            read_key(engine(), key_id, [])
+        except KeyNotFound:
+            raise not_found(key_id) from None

@@ -171,6 +171,9 @@ def rotate_database_key(key_id, grace_seconds) -> None:
 @click.option("--limit", type=click.IntRange(1, 1000), default=100)
 def audit_log(key_id, limit) -> None:
     """Print the audit log of admin actions, newest first."""
-    from genapi.admin import read_audit
+    from genapi.admin import KeyNotFound, read_audit
 
-    _print(read_audit(_engine(), key_id, limit))
+    try:
+        _print(read_audit(_engine(), key_id, limit))
+    except KeyNotFound:
+        raise click.ClickException(f"no key has the id {key_id!r}") from None

@@ -211,11 +211,11 @@ ROUTES = [
     ),
     Route(
         "/admin/usage", "get", "Every key's usage, grouped by key, model and/or day", UsageReport,
-        errors=ADMIN + (422,), auth="admin", parameters=(*DATE_RANGE, GROUP_BY, USAGE_KEY), csv=True,
+        errors=ADMIN + (404, 422), auth="admin", parameters=(*DATE_RANGE, GROUP_BY, USAGE_KEY), csv=True,
         description="JSON, or CSV with Accept: text/csv (one header line, then one line per group).",
     ),
     Route(
-        "/admin/audit", "get", "Read the audit log of admin actions", AuditList, errors=ADMIN + (422,), auth="admin",
+        "/admin/audit", "get", "Read the audit log of admin actions", AuditList, errors=ADMIN + (404, 422), auth="admin",
         parameters=AUDIT_QUERY, description="Newest first. Who, when, what, and the key before and after; never a secret.",
     ),
 ]

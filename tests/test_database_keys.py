@@ -273,6 +273,15 @@ def test_a_rotation_says_until_when_the_old_secret_works(db_app):
     assert timedelta(minutes=59) < until - datetime.now(timezone.utc) <= timedelta(hours=1)
 
 
+def test_the_audit_log_and_usage_of_an_id_no_key_has_are_a_404(db_app):
+    client = db_app().test_client()
+    for path in ("/admin/audit?key_id=000000000000", "/admin/usage?key_id=000000000000"):
+        refused = client.get(path, headers=ADMIN)
+        assert refused.status_code == 404 and code(refused) == "key_not_found", path
+    # A key of API_KEYS is known by its name: its rows stay readable after it left the setting.
+    assert client.get("/admin/usage?key_id=env-gone", headers=ADMIN).status_code == 200
+
+
 def test_an_audit_limit_out_of_range_is_a_422(client):
     response = client.get("/admin/audit?limit=0", headers=ADMIN)
     assert (response.status_code, code(response)) == (422, "validation_error")

@@ -53,3 +53,5 @@ def test_a_wrong_option_or_an_unknown_id_fails_with_a_message(db_app):
     runner.invoke(args=["keys", "revoke", revoked])
     rotated = runner.invoke(args=["keys", "rotate", revoked])
     assert rotated.exit_code == 1 and "is revoked" in rotated.output
+    audit = runner.invoke(args=["keys", "audit", "--key-id", "000000000000"])
+    assert audit.exit_code == 1 and "no key has the id" in audit.output
