@@ -409,6 +409,14 @@ def not_found(key_id: str) -> ApiError:
     return ApiError(404, f"No key has the id {key_id[:64]!r}.", code="key_not_found")
 
 
+def database_key_must_exist(key_id: str) -> None:
+    """A 404 for an id no database key has: keys are revoked, never deleted, so it can only be a wrong id."""
+    try:
+        read_key(engine(), key_id, [])
+    except KeyNotFound:
+        raise not_found(key_id) from None
+
+
 def from_environment() -> ApiError:
     message = (
         "This key is set in API_KEYS or ADMIN_API_KEYS, not in the database: the API cannot change, rotate or "
@@ -477,7 +485,8 @@ def get_usage():
         # Known by name only, its rows stay readable after it left API_KEYS: no 404 for a name not there now.
         report = totals(engine(), start, end, group_by, key_id[len(ENVIRONMENT_ID_PREFIX):], None, only_key=True)
     else:
-        database_key_must_exist(key_id)
+        if key_id:
+            database_key_must_exist(key_id)
         report = totals(engine(), start, end, group_by, key_id=key_id, only_key=key_id is not None)
     if request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv":
         return Response(as_csv(report), content_type="text/csv; charset=utf-8")
@@ -510,12 +519,3 @@ def get_audit():
         return jsonify(data=read_audit(engine(), key_id, int(limit)))
     except KeyNotFound:
         raise not_found(key_id) from None
-
-
-def database_key_must_exist(key_id: str | None) -> None:
-    """A 404 for an id no database key has: keys are revoked, never deleted, so it can only be a wrong id."""
-    if key_id is not None:
-        try:
-            read_key(engine(), key_id, [])
-        except KeyNotFound:
-            raise not_found(key_id) from None

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from cachetools import LRUCache
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from genapi.budget_periods import Budget, NoBudget, parse_key_budget
+from genapi.models import api_keys
 
 HASH_PREFIX = "sha256:"
 DATABASE_KEY_PREFIX = "gk_"
@@ -207,10 +209,6 @@ class DatabaseKeys:
         self._cache.pop(key_id, None)
 
     def read(self, key_id: str) -> StoredKey | None:
-        from sqlalchemy import select
-
-        from genapi.models import api_keys
-
         with self._engine.connect() as connection:
             row = connection.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
         if row is None:
